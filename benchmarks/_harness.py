@@ -1,0 +1,139 @@
+"""What every op benchmark shares: device naming, timing, peak memory, agreement checks, tables.
+
+On CUDA the timings are device time (Triton's `do_bench`, which synchronises and flushes the L2
+cache); on CPU they are wall time of a synchronous call. Every figure names its device.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_label(device: torch.device) -> str:
+    """A short human name: the GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """The label as a file-name part: "nvidia-h100-80gb-hbm3", "cpu"."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_label(device).lower()).strip("-")
+
+
+def versions() -> Dict[str, str]:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    return out
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3,
+            rep: int = 10, min_seconds: float = 0.0) -> Dict[str, float]:
+    """Median, 20th and 80th percentile of one call, in milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q50, q20, q80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": q50, "p20_ms": q20, "p80_ms": q80}
+    for _ in range(warmup):
+        fn()
+    samples: List[float] = []
+    start = time.perf_counter()
+    while len(samples) < rep or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+
+    def pick(q: float) -> float:
+        return samples[min(len(samples) - 1, int(q * len(samples)))]
+
+    return {"median_ms": pick(0.5), "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+
+
+def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory a call allocates beyond what was live before it (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def compiled(fn: Callable) -> Optional[Callable]:
+    """`torch.compile(fn)`, or None where compiling is not possible here."""
+    try:
+        return torch.compile(fn)
+    except Exception as err:  # compile support differs by platform; report rather than fail
+        print(f"torch.compile unavailable: {err}")
+        return None
+
+
+def check_agree(results: Dict[str, object], reference: str, rtol: float, atol: float) -> None:
+    """Every provider's output must match the reference provider's before anything is timed."""
+    expected = results[reference]
+    for name, got in results.items():
+        exp_list = expected if isinstance(expected, (tuple, list)) else [expected]
+        got_list = got if isinstance(got, (tuple, list)) else [got]
+        for e, g in zip(exp_list, got_list):
+            if isinstance(e, torch.Tensor):
+                torch.testing.assert_close(g.float(), e.float(), rtol=rtol, atol=atol,
+                                           msg=lambda m: f"{name} disagrees with {reference}: {m}")
+
+
+def write_table(op: str, rows: Sequence[Dict], columns: Sequence[str], device: torch.device,
+                out_dir: Optional[Path] = None, note: str = "") -> Path:
+    """Print a markdown table and write it as <device>-<op>.md and .json under out_dir."""
+    out_dir = Path(out_dir) if out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"op": op, "device": device_label(device), "date": time.strftime("%Y-%m-%d"),
+            **versions(), "note": note}
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = [f"### {op} on {meta['device']} ({meta['date']}, torch {meta['torch']}, "
+             f"triton {meta['triton']})", ""]
+    if note:
+        lines += [note, ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(c)) for c in columns) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    stem = out_dir / f"{device_slug(device)}-{op}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": list(rows)}, indent=2) + "\n")
+    return stem.with_suffix(".md")

@@ -1,0 +1,261 @@
+"""Backend selection and the input checks shared by every public op.
+
+Backends:
+  "reference"  the eager PyTorch definition in ``reference.py`` (any device).
+  "triton"     the registered Triton implementation of the op. Needs CUDA tensors, or CPU tensors
+               when the environment variable ``TRITON_INTERPRET=1`` is set (the Triton interpreter,
+               which is how the kernels are tested without a GPU).
+  "auto"       "triton" when the tensors are on CUDA, Triton is installed and a Triton
+               implementation of the op is registered; "reference" otherwise.
+
+Triton implementations are registered by op name with ``register_triton(op_name, fn)``. ``fn`` is
+called with the validated arguments (index tensors already converted to int64) in the order and
+with the meaning of the matching function in ``reference.py``, and must follow the same dtype rule.
+Registering must not import Triton: ``import s4rec_kernels`` has to work on machines without it,
+so an implementation imports its kernels when it is first called.
+
+Every check raises ``ValueError`` whose message starts with the op name, names the argument, and
+says what was expected and what was got. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+import os
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+_TRITON_IMPLS: Dict[str, Callable] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry of Triton implementations
+# ----------------------------------------------------------------------------------------------
+
+
+def register_triton(op_name: str, fn: Callable) -> Callable:
+    """Register ``fn`` as the Triton implementation of ``op_name`` and return it.
+    Registering again replaces the previous implementation."""
+    if not isinstance(op_name, str) or not op_name:
+        raise ValueError(f"register_triton: op_name must be a non-empty str; got {op_name!r}")
+    if not callable(fn):
+        raise ValueError(
+            f"register_triton: fn for {op_name!r} must be callable; got {type(fn).__name__}"
+        )
+    _TRITON_IMPLS[op_name] = fn
+    return fn
+
+
+def unregister_triton(op_name: str) -> None:
+    """Remove the Triton implementation of ``op_name`` if one is registered."""
+    _TRITON_IMPLS.pop(op_name, None)
+
+
+def triton_impl(op_name: str) -> Optional[Callable]:
+    """The registered Triton implementation of ``op_name``, or None."""
+    return _TRITON_IMPLS.get(op_name)
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    """True when Triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(op_name: str, backend: str, *tensors: Optional[torch.Tensor]) -> str:
+    """Return "triton" or "reference" for a call of ``op_name`` on ``tensors`` (None ignored).
+
+    Raises ValueError for an unknown ``backend``, NotImplementedError when ``backend="triton"`` and
+    no Triton implementation of the op is registered, and ValueError when ``backend="triton"`` is
+    asked for tensors that are not on CUDA while the Triton interpreter is off.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        allowed = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"{op_name}: backend must be one of {allowed}; got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    present = [t for t in tensors if t is not None]
+    on_cuda = bool(present) and all(t.is_cuda for t in present)
+    registered = triton_impl(op_name) is not None
+    if backend == "auto":
+        return "triton" if (on_cuda and registered and triton_installed()) else "reference"
+    # backend == "triton"
+    if not registered:
+        raise NotImplementedError(
+            f"{op_name}: no Triton kernel exists yet for this op; "
+            f"use backend='reference' or backend='auto'"
+        )
+    if not on_cuda and not interpreter_enabled():
+        devices = sorted({str(t.device) for t in present})
+        raise ValueError(
+            f"{op_name}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the "
+            f"kernels on CPU in the Triton interpreter; got tensors on {', '.join(devices)}"
+        )
+    return "triton"
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """False for tensors whose values cannot be read (meta tensors)."""
+    return t.device.type != "meta"
+
+
+def check_tensor(op: str, name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+
+
+def check_ndim(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    check_tensor(op, name, t)
+    if t.dim() != ndim:
+        raise ValueError(
+            f"{op}: {name} must have {ndim} dimension(s) {layout}; got shape {_shape(t)}"
+        )
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{op}: {name} must be float16, bfloat16, float32 or float64; got {t.dtype}"
+        )
+
+
+def check_matrix(op: str, name: str, t: object, layout: str = "(rows, d)") -> None:
+    """A 2-D floating-point tensor with at least one column."""
+    check_ndim(op, name, t, 2, layout)
+    check_float(op, name, t)
+    if t.shape[1] == 0:
+        raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected at least one column")
+
+
+def check_same_dtype(op: str, *named: Tuple[str, torch.Tensor]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise ValueError(
+                f"{op}: {name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; "
+                f"expected the same dtype"
+            )
+
+
+def check_same_device(op: str, *named: Tuple[str, Optional[torch.Tensor]]) -> None:
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on device {t.device} but {first_name} is on device "
+                f"{first.device}; expected the same device"
+            )
+
+
+def check_dim_size(op: str, name: str, t: torch.Tensor, dim: int, size: int, what: str) -> None:
+    """``t.shape[dim] == size``; ``what`` says where ``size`` comes from."""
+    if t.shape[dim] != size:
+        raise ValueError(
+            f"{op}: {name} has shape {_shape(t)}; expected size {size} in dimension {dim} "
+            f"({what})"
+        )
+
+
+def check_index(op: str, name: str, t: object, length: Optional[int] = None) -> torch.Tensor:
+    """A 1-D int64/int32 tensor (of ``length`` entries if given); returned as int64."""
+    check_ndim(op, name, t, 1, "(n,)")
+    if t.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{op}: {name} must be int64 or int32; got {t.dtype}")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected ({length},)")
+    return t.long()
+
+
+def check_index_range(
+    op: str, name: str, t: torch.Tensor, high: int, allowed_extra: Optional[int] = None
+) -> None:
+    """Every entry of ``t`` lies in [0, high) or equals ``allowed_extra``."""
+    if t.numel() == 0 or not _has_values(t):
+        return
+    bad = (t < 0) | (t >= high)
+    if allowed_extra is not None:
+        bad &= t != allowed_extra
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        extra = f" or equal to {allowed_extra}" if allowed_extra is not None else ""
+        raise ValueError(
+            f"{op}: {name}[{pos}] = {int(t[pos])} is out of range; expected values in "
+            f"[0, {high}){extra}"
+        )
+
+
+def check_csr(
+    op: str, indptr: object, indices: object, n_rows: int, n_items: int,
+    indptr_name: str = "exclude_indptr", indices_name: str = "exclude_indices",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A CSR list of item rows per user: ``indptr`` (n_rows + 1,) non-decreasing from 0 to
+    ``len(indices)``, ``indices`` in [0, n_items). Returned as int64."""
+    indptr = check_index(op, indptr_name, indptr, n_rows + 1)
+    indices = check_index(op, indices_name, indices)
+    if not _has_values(indptr) or not _has_values(indices):
+        return indptr, indices
+    first, last = int(indptr[0]), int(indptr[-1])
+    if first != 0:
+        raise ValueError(f"{op}: {indptr_name}[0] = {first}; expected 0")
+    if last != indices.shape[0]:
+        raise ValueError(
+            f"{op}: {indptr_name}[-1] = {last}; expected len({indices_name}) = {indices.shape[0]}"
+        )
+    steps = indptr[1:] - indptr[:-1]
+    if steps.numel() and bool((steps < 0).any()):
+        pos = int((steps < 0).nonzero()[0, 0])
+        raise ValueError(
+            f"{op}: {indptr_name} must be non-decreasing; got {indptr_name}[{pos}] = "
+            f"{int(indptr[pos])} > {indptr_name}[{pos + 1}] = {int(indptr[pos + 1])}"
+        )
+    check_index_range(op, indices_name, indices, n_items)
+    return indptr, indices
+
+
+def check_positive(op: str, name: str, value: object) -> float:
+    """A finite real number > 0 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{op}: {name} must be a positive number; got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be a finite number > 0; got {value!r}")
+    return value
+
+
+def check_int(op: str, name: str, value: object, low: int, high: Optional[int] = None) -> int:
+    """An integer (bools refused) with ``low <= value`` (``<= high`` if given)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{op}: {name} must be an int; got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{op}: {name} = {value} is out of range; expected {span}")
+    return value
+
+
+def check_choice(op: str, name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{op}: {name} must be one of {allowed}; got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""S4Rec: online self-supervised self-distillation for sequential recommendation."""

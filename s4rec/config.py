@@ -1,0 +1,151 @@
+"""Every setting of a training run, as one dataclass that doubles as the command line.
+
+Defaults are the paper's best setting on Beauty (SPEC section 3) where the paper gives one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag."""
+
+
+@dataclass
+class Config:
+    # data
+    data: Optional[str] = None  # path to a line-format file; None = the embedded synthetic data set
+    n_items: Optional[int] = None  # catalogue size; None = the largest item id in the file
+    max_len: int = 50  # sequences are cut to their last max_len items
+    head_frac: float = 0.2  # share of users (longest training sequences) that are "head"
+    # encoder (SASRec)
+    hidden: int = 64  # embedding size d
+    heads: int = 2  # attention heads
+    layers: int = 2  # transformer blocks
+    dropout: float = 0.5  # dropout on embeddings, attention and feed-forward outputs
+    # objective: L_SR + alpha L_clust + beta1 L_SCL + beta2 L_CKD + lam L_adv (0 removes a term)
+    alpha: float = 0.01  # weight of the clustering loss L_clust
+    beta1: float = 0.1  # weight of the sequence-level contrast L_SCL
+    beta2: float = 0.1  # weight of the cluster-aware self-distillation L_CKD
+    lam: float = 1.0  # weight of the head/tail adversary L_adv (through gradient reversal)
+    n_clusters: int = 128  # K, number of prototypes
+    tau1: float = 0.1  # temperature of the soft cluster assignment p_u
+    tau2: float = 1.0  # temperature of the contrastive loss
+    tau3: float = 0.1  # temperature of the self-distillation softmaxes
+    eps: float = 0.05  # Sinkhorn entropy regulariser
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp rounds
+    normalize: bool = True  # L2-normalise z and prototypes in the contrast and distillation terms
+    proto_renorm: bool = True  # renormalise prototypes to unit length after every step
+    freeze_protos_steps: int = 0  # keep prototypes fixed for this many first steps
+    # augmentations (one operator drawn per view)
+    crop_ratio: float = 0.2  # share of the sequence a crop keeps
+    mask_ratio: float = 0.7  # share of items a mask replaces
+    reorder_ratio: float = 0.2  # share of the sequence a reorder shuffles
+    insert_ratio: float = 0.3  # items inserted, as a share of the sequence length
+    # optimisation
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay
+    batch_size: int = 512  # users per step
+    epochs: Optional[int] = None  # None = 30 on the synthetic data, 200 on a file
+    patience: int = 10  # stop after this many evaluations without a better valid ndcg@20
+    eval_every: int = 1  # evaluate on validation every this many epochs
+    eval_batch_size: int = 1024  # users per evaluation batch
+    exclude_history: str = "all"  # "all": never rank the user's own history; "none": rank it
+    max_pad: float = 1 / 3  # largest share of padding in an encoder call (length buckets)
+    # run
+    seed: int = 1  # seed of every random number generator
+    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    run_dir: Optional[str] = None  # where checkpoints and metrics go; None = runs/<data>-<time>
+    progress: bool = True  # show a progress bar per epoch
+
+    def resolved_epochs(self) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return 30 if self.data is None else 200
+
+
+_HELP_CACHE: dict = {}
+
+
+def _field_help() -> dict:
+    """Read the one-line comment beside each field, so flags and fields share one description."""
+    if _HELP_CACHE:
+        return _HELP_CACHE
+    import inspect
+
+    for line in inspect.getsource(Config).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith("#"):
+            name = line.split(":", 1)[0].strip()
+            _HELP_CACHE[name] = line.split("#", 1)[1].strip()
+    return _HELP_CACHE
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m s4rec.train",
+        description="Train S4Rec (SASRec + online clustering + self-distillation + head/tail "
+        "adversary) and report full-ranking hit@k / ndcg@k.",
+    )
+    helps = _field_help()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+        type_name = str(f.type).replace("Optional[", "").rstrip("]")
+        parse = kind[type_name]
+        extra = {}
+        if f.name == "exclude_history":
+            extra["choices"] = ("all", "none")
+        if f.name == "device":
+            extra["choices"] = ("auto", "cpu", "cuda")
+        metavar = {"data": "PATH", "run_dir": "DIR"}.get(f.name, type_name.upper())
+        parser.add_argument(
+            flag, dest=f.name, type=parse, default=default, metavar=metavar,
+            help=f"{helps.get(f.name, '')} (default: {default})", **extra,
+        )
+    return parser
+
+
+def parse_config(argv=None) -> Config:
+    args = build_parser().parse_args(argv)
+    return Config(**vars(args))
+
+
+def check_config(cfg: Config) -> None:
+    """Reject settings that cannot work, naming the flag."""
+    positive = ["max_len", "hidden", "heads", "layers", "n_clusters", "batch_size", "eval_batch_size",
+                "eval_every", "tau1", "tau2", "tau3", "eps"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    nonneg = ["alpha", "beta1", "beta2", "lam", "sinkhorn_iters", "lr", "weight_decay", "patience",
+              "freeze_protos_steps"]
+    for name in nonneg:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ["dropout", "head_frac", "crop_ratio", "mask_ratio", "reorder_ratio", "insert_ratio",
+                 "max_pad"]:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.hidden % cfg.heads:
+        raise ConfigError(f"--hidden ({cfg.hidden}) must be divisible by --heads ({cfg.heads})")
+    if cfg.epochs is not None and cfg.epochs < 0:
+        raise ConfigError(f"--epochs must be >= 0, got {cfg.epochs}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

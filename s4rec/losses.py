@@ -1,0 +1,108 @@
+"""The S4Rec objective (paper eq. 14), one function per term.
+
+L = L_SR + alpha L_clust + beta1 L_SCL + beta2 L_CKD + lam L_adv. A term whose weight is 0 is not
+computed at all, so the ablations are settings, not code paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from s4rec_kernels import info_nce_proto, item_softmax_ce, sinkhorn
+
+from .config import Config
+from .model import Packed, S4Rec
+
+TERMS = ("sr", "clust", "scl", "ckd", "adv")
+
+
+@dataclass
+class Batch:
+    """One training step's input: the sequences, two augmented views, and head/tail labels."""
+
+    original: Packed  # next-item inputs with their targets
+    view1: Optional[Packed]  # None when no term needs views
+    view2: Optional[Packed]
+    head: Tensor  # (B,) int64, 1 = head user
+
+
+def weights(cfg: Config) -> Dict[str, float]:
+    return {"sr": 1.0, "clust": cfg.alpha, "scl": cfg.beta1, "ckd": cfg.beta2, "adv": cfg.lam}
+
+
+def needs_views(cfg: Config) -> bool:
+    return cfg.beta1 > 0 or cfg.beta2 > 0
+
+
+def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor]) -> Tensor:
+    """Full-item softmax over every non-padded position (eq. 1); padding is never scored."""
+    h = torch.cat([hb[tb > 0] for hb, tb in zip(hidden, targets)])  # (N, d)
+    t = torch.cat([tb[tb > 0] for tb in targets]) - 1  # item id -> row of the item table
+    return item_softmax_ce(h, item_table, t)
+
+
+def cluster_scores(z: Tensor, prototypes: Tensor, eps: float, n_iters: int) -> Tuple[Tensor, Tensor]:
+    """Cosine scores (B, K) and the Sinkhorn equipartition target Q (B, K), no gradient (eqs. 3-6)."""
+    scores = F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).T  # (B, K)
+    return scores, sinkhorn(scores.detach(), eps, n_iters)
+
+
+def cluster_loss(scores: Tensor, q: Tensor, tau: float) -> Tensor:
+    """Cross-entropy of the soft assignment softmax(S / tau) against the target Q (eq. 7)."""
+    return -(q * F.log_softmax(scores / tau, dim=1)).sum(1).mean()
+
+
+def contrast_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau: float,
+                  normalize: bool) -> Tensor:
+    """InfoNCE with in-batch and prototype negatives, the own cluster left out (eqs. 8-10)."""
+    if normalize:
+        z1, z2, prototypes = (F.normalize(t, dim=1) for t in (z1, z2, prototypes))
+    return info_nce_proto(z1, z2, prototypes, assign, tau)
+
+
+def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau: float,
+                 normalize: bool) -> Tensor:
+    """KL(teacher || student) over the d dimensions, teacher = the assigned prototype (eqs. 11-12)."""
+    teacher = prototypes[assign].detach()  # (B, d)
+    if normalize:
+        teacher = F.normalize(teacher, dim=1)
+    log_t = F.log_softmax(teacher / tau, dim=1)
+    total = z1.new_zeros(())
+    for z in (z1, z2):
+        if normalize:
+            z = F.normalize(z, dim=1)
+        log_s = F.log_softmax(z / tau, dim=1)
+        total = total + (log_t.exp() * (log_t - log_s)).sum(1).mean()
+    return total
+
+
+def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+    """Every active term of the objective, unweighted, and the users' assigned clusters h(u)."""
+    w = weights(cfg)
+    z, hidden = model.encoder.encode(batch.original)  # (B, d)
+    terms = {"sr": sr_loss(model.encoder.item_table(), hidden, batch.original.targets)}
+    assign = None
+    if w["clust"] > 0 or needs_views(cfg):
+        scores, q = cluster_scores(z, model.prototypes, cfg.eps, cfg.sinkhorn_iters)
+        assign = q.argmax(1)  # (B,)
+        if w["clust"] > 0:
+            terms["clust"] = cluster_loss(scores, q.to(scores.dtype), cfg.tau1)
+    if needs_views(cfg):
+        z1, _ = model.encoder.encode(batch.view1)
+        z2, _ = model.encoder.encode(batch.view2)
+        if w["scl"] > 0:
+            terms["scl"] = contrast_loss(z1, z2, model.prototypes, assign, cfg.tau2, cfg.normalize)
+        if w["ckd"] > 0:
+            terms["ckd"] = distill_loss(z1, z2, model.prototypes, assign, cfg.tau3, cfg.normalize)
+    if w["adv"] > 0:
+        terms["adv"] = F.cross_entropy(model.head_logits(z), batch.head)
+    return terms, assign
+
+
+def total_loss(terms: Dict[str, Tensor], cfg: Config) -> Tensor:
+    w = weights(cfg)
+    return sum(w[name] * value for name, value in terms.items())

@@ -1,0 +1,144 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import s4rec.train as train
+from s4rec.augment import Augmenter
+from s4rec.config import Config, parse_config
+from s4rec.data import SequenceData, head_users, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--hidden", "16", "--layers", "1", "--n-clusters", "8", "--batch-size", "64",
+        "--progress", "false", "--threads", "1"]
+
+
+def _cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "s4rec.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_cli_end_to_end(tmp_path):
+    proc = _cli(["--epochs", "2", "--run-dir", str(tmp_path / "run"), *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for group in ("overall", "head", "tail"):
+        assert group in out
+    for name in ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20"):
+        assert name in out
+    assert "clusters entropy=" in out and "empty=" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"overall", "head", "tail"}
+    assert metrics["protocol"]["ties"].startswith("pessimistic")
+    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+    for key in ("loss_sr", "loss_clust", "loss_scl", "loss_ckd", "loss_adv", "padding_share"):
+        assert key in metrics["history"][0]
+    assert (tmp_path / "run" / "best.pt").exists()
+    assert (tmp_path / "run" / "config.json").exists()
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD_INPUTS = {
+    "missing": (None, "missing.txt"),
+    "empty": ("", "empty"),
+    "non-integer": ("1 1 2 3 4\n2 1 x 3 4\n", "line 2"),
+    "malformed id": ("1 1 2 3 4\n2 1 2.5 3 4\n", "line 2"),
+    "too short": ("1 1 2\n2 3\n", "fewer than 3"),
+    "zero id": ("1 1 2 3 4\n2 1 0 3 4\n", "line 2"),
+    "out of range": ("1 1 2 3 4\n2 1 2 3 99\n", "line 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_nonzero(case, tmp_path):
+    text, expect = BAD_INPUTS[case]
+    path = tmp_path / "missing.txt" if text is None else _write(tmp_path, f"{case}.txt", text)
+    extra = ["--n-items", "10"] if case == "out of range" else []
+    proc = _cli(["--data", str(path), "--epochs", "1", *extra, *FAST], tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and expect in lines[0]
+    assert str(path.name) in lines[0]
+
+
+def test_bad_flag_value_is_one_line(tmp_path):
+    proc = _cli(["--tau2", "0", "--epochs", "1"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--tau2" in proc.stderr
+
+
+def test_non_finite_loss_names_the_term_and_keeps_the_best(tmp_path, monkeypatch, capsys):
+    real = train.compute_losses
+    calls = {"n": 0}
+    data = synthetic()
+    per_epoch = math.ceil(int((data.lengths >= 4).sum()) / 64)
+
+    def poisoned(model, batch, cfg):
+        terms, assign = real(model, batch, cfg)
+        calls["n"] += 1
+        if calls["n"] > per_epoch:  # epoch 0 trains and is evaluated; epoch 1 goes wrong
+            terms["scl"] = terms["scl"] * float("nan")
+        return terms, assign
+
+    monkeypatch.setattr(train, "compute_losses", poisoned)
+    code = train.main(["--epochs", "3", "--run-dir", str(tmp_path / "run"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "scl" in err and "non-finite" in err
+    assert (tmp_path / "run" / "best.pt").exists()
+    assert torch.load(tmp_path / "run" / "best.pt")["epoch"] == 0
+
+
+def _planted_data():
+    # Users' held-out items (the last two) are ids 90+ and never appear anywhere else.
+    rng = np.random.default_rng(0)
+    seqs = []
+    for u in range(40):
+        body = rng.integers(1, 60, size=int(rng.integers(2, 30)))
+        seqs.append(np.concatenate([body, [90 + (u % 5), 95 + (u % 5)]]))
+    items = np.concatenate(seqs).astype(np.int32)
+    offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
+    return SequenceData(items, offsets, np.arange(40), n_items=99, name="planted")
+
+
+def test_training_never_sees_held_out_items():
+    # Augmentation happens after the split: inputs, targets, views and the insert pool hold no
+    # validation or test target.
+    data = _planted_data()
+    cfg = Config(max_len=8, insert_ratio=1.0, mask_ratio=0.5)
+    pool = train.training_pool(data)
+    assert pool.max() < 90
+    augmenter = Augmenter(mask_id=100, pool=pool, insert_ratio=1.0, mask_ratio=0.5)
+    rng = np.random.default_rng(1)
+    users = np.arange(len(data))
+    for _ in range(20):
+        batch = train.make_batch(data, users, head_users(data), cfg, augmenter, rng, "cpu")
+        for packed in (batch.original, batch.view1, batch.view2):
+            seen = torch.cat([s.flatten() for _, s in packed.groups])
+            assert not ((seen >= 90) & (seen < 100)).any()
+        targets = torch.cat([t.flatten() for t in batch.original.targets])
+        assert targets.max() < 90
+
+
+def test_flags_cover_the_objective():
+    cfg = parse_config(["--alpha", "0", "--beta1", "0.5", "--lam", "0", "--n-clusters", "64",
+                        "--tau3", "1.0", "--normalize", "false"])
+    assert (cfg.alpha, cfg.beta1, cfg.lam, cfg.n_clusters, cfg.tau3, cfg.normalize) == \
+        (0.0, 0.5, 0.0, 64, 1.0, False)
+    defaults = Config()
+    assert (defaults.alpha, defaults.beta1, defaults.beta2, defaults.lam) == (0.01, 0.1, 0.1, 1.0)
+    assert (defaults.n_clusters, defaults.eps, defaults.sinkhorn_iters) == (128, 0.05, 3)

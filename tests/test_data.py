@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+from _data import data_path
 
 from s4rec.data import (
     DataError,
@@ -22,11 +23,6 @@ from s4rec.data import (
     train_sequences,
 )
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
-ML1M = os.path.join(DATA_DIR, "ml-1m.txt")
-needs_beauty = pytest.mark.skipif(not os.path.exists(BEAUTY), reason="Beauty.txt not present")
-needs_ml1m = pytest.mark.skipif(not os.path.exists(ML1M), reason="ml-1m.txt not present")
 
 
 def write(tmp_path, text, name="toy.txt"):
@@ -37,9 +33,7 @@ def write(tmp_path, text, name="toy.txt"):
 
 @pytest.fixture(scope="module")
 def beauty():
-    if not os.path.exists(BEAUTY):
-        pytest.skip("Beauty.txt not present")
-    return load_sequences(BEAUTY)
+    return load_sequences(data_path("Beauty.txt"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,10 +137,9 @@ def test_beauty_loads(beauty):
     assert nbytes < 2 * 2**20
 
 
-@needs_ml1m
 def test_ml1m_loads_fast():
     t = time.perf_counter()
-    d = load_sequences(ML1M)
+    d = load_sequences(data_path("ml-1m.txt"))
     elapsed = time.perf_counter() - t
     assert len(d) == 6040 and d.n_items == 3416 and len(d.items) == 999611
     assert elapsed < 3.0, f"ml-1m took {elapsed:.2f} s"

@@ -14,6 +14,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "report": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
     },
 )

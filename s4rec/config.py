@@ -59,8 +59,12 @@ class Config:
     seed: int = 1  # seed of every random number generator
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    seeds: Optional[str] = None  # comma-separated seeds: one run each, then mean and std
+    deterministic: bool = False  # deterministic algorithms only, so equal seeds give equal bits
     run_dir: Optional[str] = None  # where checkpoints and metrics go; None = runs/<data>-<time>
+    resume: Optional[str] = None  # continue the run in this folder from its last checkpoint
     progress: bool = True  # show a progress bar per epoch
+    tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
 
     def resolved_epochs(self) -> int:
         if self.epochs is not None:
@@ -94,7 +98,8 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; with explicit_only, flags left out are absent from the result."""
     parser = argparse.ArgumentParser(
         prog="python -m s4rec.train",
         description="Train S4Rec (SASRec + online clustering + self-distillation + head/tail "
@@ -112,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
             extra["choices"] = ("all", "none")
         if f.name == "device":
             extra["choices"] = ("auto", "cpu", "cuda")
-        metavar = {"data": "PATH", "run_dir": "DIR"}.get(f.name, type_name.upper())
+        metavar = {"data": "PATH", "run_dir": "DIR", "resume": "DIR", "seeds": "LIST"}.get(
+            f.name, type_name.upper())
         parser.add_argument(
-            flag, dest=f.name, type=parse, default=default, metavar=metavar,
+            flag, dest=f.name, type=parse,
+            default=argparse.SUPPRESS if explicit_only else default, metavar=metavar,
             help=f"{helps.get(f.name, '')} (default: {default})", **extra,
         )
     return parser
@@ -123,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv=None) -> Config:
     args = build_parser().parse_args(argv)
     return Config(**vars(args))
+
+
+def explicit_flags(argv=None) -> dict:
+    """Only the settings given on the command line (to override a resumed run's config)."""
+    return vars(build_parser(explicit_only=True).parse_args(argv))
+
+
+def parse_seeds(text: str) -> list:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError(f"--seeds must name at least one seed, got {text!r}")
+    return seeds
 
 
 def check_config(cfg: Config) -> None:
@@ -143,6 +165,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.hidden % cfg.heads:
         raise ConfigError(f"--hidden ({cfg.hidden}) must be divisible by --heads ({cfg.heads})")
+    if cfg.seeds is not None:
+        parse_seeds(cfg.seeds)
     if cfg.epochs is not None and cfg.epochs < 0:
         raise ConfigError(f"--epochs must be >= 0, got {cfg.epochs}")
 

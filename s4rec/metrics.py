@@ -5,12 +5,13 @@ integers computed per user, so the metrics do not depend on the evaluation batch
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from s4rec_kernels import item_rank
+from s4rec_kernels import item_rank, sinkhorn
 
 from .data import SequenceData, history_csr, split_input, split_target
 from .model import S4Rec, pack
@@ -44,6 +45,18 @@ def rank_metrics(ranks: np.ndarray, ks=KS) -> Dict[str, float]:
     return out
 
 
+def encode_users(model: S4Rec, data: SequenceData, users: np.ndarray, split: str,
+                 batch_size: int, max_pad: float = 1 / 3) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+    """(users of the batch, z (b, d)) for each batch of `split` inputs; call in eval mode."""
+    encoder = model.encoder
+    device = encoder.item_emb.weight.device
+    for start in range(0, len(users), batch_size):
+        batch = users[start:start + batch_size]
+        packed = pack(split_input(data, batch, split), encoder.max_len, max_pad, device)
+        z, _ = encoder.encode(packed)  # (b, d)
+        yield batch, z
+
+
 @torch.no_grad()
 def compute_ranks(model: S4Rec, data: SequenceData, split: str, batch_size: int,
                   exclude_history: str = "all", max_pad: float = 1 / 3,
@@ -53,16 +66,13 @@ def compute_ranks(model: S4Rec, data: SequenceData, split: str, batch_size: int,
         raise ValueError(f"exclude_history must be 'all' or 'none', got {exclude_history!r}")
     was_training = model.training
     model.eval()
-    encoder = model.encoder
-    device = encoder.item_emb.weight.device
-    items = encoder.item_table()
+    device = model.encoder.item_emb.weight.device
+    items = model.encoder.item_table()
     users = np.arange(len(data)) if users is None else np.asarray(users)
     ranks = np.empty(len(users), dtype=np.int64)
+    done = 0
     try:
-        for start in range(0, len(users), batch_size):
-            batch = users[start:start + batch_size]
-            packed = pack(split_input(data, batch, split), encoder.max_len, max_pad, device)
-            z, _ = encoder.encode(packed)  # (b, d)
+        for batch, z in encode_users(model, data, users, split, batch_size, max_pad):
             targets = torch.as_tensor(split_target(data, batch, split) - 1, device=device)
             if exclude_history == "all":
                 indptr, indices = history_csr(data, batch, split)
@@ -70,10 +80,41 @@ def compute_ranks(model: S4Rec, data: SequenceData, split: str, batch_size: int,
                 indptr, indices = np.zeros(len(batch) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
             rank = item_rank(z, items, targets, torch.as_tensor(indptr, device=device),
                              torch.as_tensor(indices, device=device))
-            ranks[start:start + len(batch)] = rank.cpu().numpy()
+            ranks[done:done + len(batch)] = rank.cpu().numpy()
+            done += len(batch)
     finally:
         model.train(was_training)
     return ranks
+
+
+@torch.no_grad()
+def cluster_report(model: S4Rec, data: SequenceData, head: np.ndarray, batch_size: int,
+                   eps: float, n_iters: int, max_pad: float = 1 / 3) -> Dict:
+    """Each user's cluster (argmax of the Sinkhorn target over all users' training sequences) and,
+    per cluster, its size and share of head users (the paper's Fig. 3)."""
+    was_training = model.training
+    model.eval()
+    try:
+        z = torch.cat([z for _, z in encode_users(model, data, np.arange(len(data)), "valid",
+                                                  batch_size, max_pad)])
+    finally:
+        model.train(was_training)
+    scores = F.normalize(z, dim=1) @ F.normalize(model.prototypes, dim=1).T  # (U, K)
+    assign = sinkhorn(scores, eps, n_iters).argmax(1).cpu().numpy()
+    k = model.prototypes.shape[0]
+    size = np.bincount(assign, minlength=k)
+    heads = np.bincount(assign, weights=head.astype(np.float64), minlength=k)
+    rate = [float(h / n) if n else None for h, n in zip(heads, size)]
+    used = np.array([r for r in rate if r is not None])
+    return {
+        "k": k,
+        "assignment": "argmax of the Sinkhorn target over every user's training sequence",
+        "size": size.tolist(),
+        "head_rate": rate,
+        "head_rate_quartiles": np.percentile(used, [25, 50, 75]).tolist() if len(used) else None,
+        "head_share": float(head.mean()),
+        "empty_clusters": int((size == 0).sum()),
+    }
 
 
 def evaluate(model: S4Rec, data: SequenceData, split: str, head: np.ndarray, batch_size: int,

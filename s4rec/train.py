@@ -12,6 +12,7 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,11 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import checkpoint
 from .augment import Augmenter
-from .config import Config, ConfigError, check_config, parse_config, to_dict
+from .checkpoint import Interrupted, StopFlag, atomic_write_bytes
+from .config import (Config, ConfigError, check_config, explicit_flags, parse_config, parse_seeds,
+                     to_dict)
 from .data import DataError, SequenceData, head_users, load_sequences, synthetic, train_sequences
 from .losses import TERMS, Batch, compute_losses, needs_views, total_loss
-from .metrics import evaluate, format_table, protocol
+from .metrics import cluster_report, evaluate, format_table, protocol
 from .model import S4Rec, pack
 
 
@@ -86,7 +90,7 @@ def cluster_health(counts: np.ndarray) -> Dict[str, float]:
 
 
 def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, rng, device,
-                step: int, epoch: int):
+                step: int, epoch: int, stop: StopFlag):
     """One pass over the trainable users in random batches; returns (epoch stats, step)."""
     model.train()
     n_batches = max(1, math.ceil(len(trainable) / cfg.batch_size))
@@ -96,6 +100,7 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
     real = encoded = 0
     bar = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, file=sys.stdout)
     for users in bar:
+        stop.check()
         batch = make_batch(data, users, head, cfg, augmenter, rng, device)
         terms, assign = compute_losses(model, batch, cfg)
         loss = total_loss(terms, cfg)
@@ -125,22 +130,39 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
     return stats, step
 
 
-def save_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def default_run_dir(data: SequenceData) -> Path:
     return Path("runs") / f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(cfg: Config) -> Dict:
-    check_config(cfg)
+def epoch_line(stats: Dict, n_clusters: int) -> str:
+    line = f"epoch {stats['epoch']:3d} " + " ".join(
+        f"{k[5:]}={stats[k]:.4f}" for k in ["loss_total"] + [f"loss_{t}" for t in TERMS] if k in stats)
+    if "cluster_entropy" in stats:
+        line += (f" | clusters entropy={stats['cluster_entropy']:.3f}/{math.log(n_clusters):.3f}"
+                 f" empty={stats['empty_clusters']}")
+    line += f" | padding={stats['padding_share']:.1%} {stats['train_seconds']:.1f}s"
+    if "valid" in stats:
+        v = stats["valid"]
+        line += (f" | valid hit@20={v['hit@20']:.4f} ndcg@20={v['ndcg@20']:.4f}"
+                 f" ({stats['eval_seconds']:.1f}s)")
+    return line
+
+
+def write_log(run_dir: Path, history: List[Dict]) -> None:
+    """log.jsonl: one JSON object per finished epoch (rewritten whole, so a resume never duplicates)."""
+    text = "".join(json.dumps(entry) + "\n" for entry in history)
+    atomic_write_bytes(run_dir / "log.jsonl", lambda tmp: tmp.write_text(text))
+
+
+def run_one(cfg: Config) -> Dict:
+    """Train one seed in cfg.run_dir (resuming from its last.pt when cfg.resume), then test."""
     rng = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     data = load_data(cfg)
     head = head_users(data, cfg.head_frac)
     trainable = np.flatnonzero(data.lengths >= 4)  # training input S[:-3] must hold an item
@@ -154,7 +176,6 @@ def run(cfg: Config) -> Dict:
                       f"K={cfg.n_clusters} prototypes: the equipartition target cannot use them all")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(run_dir / "config.json", to_dict(cfg))
 
     model = S4Rec(data.n_items, cfg.hidden, cfg.heads, cfg.layers, cfg.dropout, cfg.max_len,
                   cfg.n_clusters).to(device)
@@ -164,78 +185,166 @@ def run(cfg: Config) -> Dict:
                           mask_id=model.encoder.mask_id, pool=training_pool(data))
     eval_args = dict(batch_size=cfg.eval_batch_size, exclude_history=cfg.exclude_history,
                      max_pad=cfg.max_pad)
-    best_path = run_dir / "best.pt"
-    best_score, best_epoch, bad_evals, step = -1.0, -1, 0, 0
-    history: List[Dict] = []
-    started = time.time()
-    for epoch in range(cfg.resolved_epochs()):
-        t0 = time.time()
-        stats, step = train_epoch(model, optimizer, data, trainable, head, cfg, augmenter, rng,
-                                  device, step, epoch)
-        stats["train_seconds"] = time.time() - t0
-        line = f"epoch {epoch:3d} " + " ".join(
-            f"{k[5:]}={stats[k]:.4f}" for k in ["loss_total"] + [f"loss_{t}" for t in TERMS]
-            if k in stats)
-        if "cluster_entropy" in stats:
-            line += (f" | clusters entropy={stats['cluster_entropy']:.3f}/{math.log(cfg.n_clusters):.3f}"
-                     f" empty={stats['empty_clusters']}")
-        line += f" | padding={stats['padding_share']:.1%} {stats['train_seconds']:.1f}s"
-        if (epoch + 1) % cfg.eval_every == 0:
-            t0 = time.time()
-            valid = evaluate(model, data, "valid", head, **eval_args)["overall"]
-            stats["eval_seconds"] = time.time() - t0
-            stats["valid"] = valid
-            line += (f" | valid hit@20={valid['hit@20']:.4f} ndcg@20={valid['ndcg@20']:.4f}"
-                     f" ({stats['eval_seconds']:.1f}s)")
-            if valid["ndcg@20"] > best_score:
-                best_score, best_epoch, bad_evals = valid["ndcg@20"], epoch, 0
-                torch.save({"model": model.state_dict(), "config": to_dict(cfg), "epoch": epoch,
-                            "valid": valid}, best_path)
-                line += " *"
-            else:
-                bad_evals += 1
-        print(line, flush=True)
-        history.append({"epoch": epoch, **stats})
-        if bad_evals >= cfg.patience:
-            print(f"early stop: no better valid ndcg@20 for {cfg.patience} evaluations")
-            break
-    train_seconds = time.time() - started
+    best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
+    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_evals": 0,
+             "stopped": False, "history": []}
+    if cfg.resume:
+        ckpt = checkpoint.load(last_path, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        checkpoint.set_rng_state(ckpt["rng"], rng)
+        write_log(run_dir, state["history"])
+        print(f"resumed {run_dir} at epoch {state['epoch']}")
+    checkpoint.save_json(to_dict(cfg), run_dir / "config.json")
+    writer = tensorboard_writer(run_dir) if cfg.tensorboard else None
 
+    def save_last():
+        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": None, "state": state, "rng": checkpoint.rng_state(rng),
+                         "config": to_dict(cfg)}, last_path)
+
+    epochs = cfg.resolved_epochs()
+    with checkpoint.catch_signals() as stop:
+        while state["epoch"] < epochs and not state["stopped"]:
+            save_last()  # the start of this epoch: what a resume after a crash replays from
+            epoch = state["epoch"]
+            t0 = time.time()
+            stats, state["step"] = train_epoch(model, optimizer, data, trainable, head, cfg,
+                                               augmenter, rng, device, state["step"], epoch, stop)
+            stats = {"epoch": epoch, **stats, "train_seconds": time.time() - t0,
+                     "lr": optimizer.param_groups[0]["lr"]}
+            if (epoch + 1) % cfg.eval_every == 0:
+                t0 = time.time()
+                stats["valid"] = evaluate(model, data, "valid", head, **eval_args)["overall"]
+                stats["eval_seconds"] = time.time() - t0
+                if stats["valid"]["ndcg@20"] > state["best_score"]:
+                    state.update(best_score=stats["valid"]["ndcg@20"], best_epoch=epoch, bad_evals=0)
+                    checkpoint.save({"model": model.state_dict(), "config": to_dict(cfg),
+                                     "epoch": epoch, "valid": stats["valid"]}, best_path)
+                else:
+                    state["bad_evals"] += 1
+            print(epoch_line(stats, cfg.n_clusters) + (" *" if state["best_epoch"] == epoch else ""),
+                  flush=True)
+            state["history"].append(stats)
+            state["epoch"] = epoch + 1
+            write_log(run_dir, state["history"])
+            log_tensorboard(writer, stats)
+            if state["bad_evals"] >= cfg.patience:
+                print(f"early stop: no better valid ndcg@20 for {cfg.patience} evaluations")
+                state["stopped"] = True
+        save_last()
+    if writer is not None:
+        writer.close()
+    return finish(model, data, head, cfg, run_dir, state, device, eval_args)
+
+
+def finish(model, data, head, cfg, run_dir, state, device, eval_args) -> Dict:
+    """Reload the best checkpoint, evaluate valid and test, and write metrics.json."""
+    best_path = run_dir / "best.pt"
     if best_path.exists():
         model.load_state_dict(torch.load(best_path, map_location=device)["model"])
     t0 = time.time()
     valid = evaluate(model, data, "valid", head, **eval_args)
     test = evaluate(model, data, "test", head, **eval_args)
+    clusters = cluster_report(model, data, head, cfg.eval_batch_size, cfg.eps, cfg.sinkhorn_iters,
+                              cfg.max_pad)
     eval_seconds = time.time() - t0
-    print(format_table(valid, f"valid (best epoch {best_epoch})"))
+    print(format_table(valid, f"valid (best epoch {state['best_epoch']})"))
     print(format_table(test, "test"))
+    quart = clusters["head_rate_quartiles"]
+    if quart:
+        print(f"head rate per cluster: quartiles {quart[0]:.3f} / {quart[1]:.3f} / {quart[2]:.3f} "
+              f"(head share {clusters['head_share']:.3f}, {clusters['empty_clusters']} empty clusters)")
     results = {
-        "dataset": data.name,
+        "dataset": data.name, "seed": cfg.seed,
         "users": len(data), "items": data.n_items, "head_users": int(head.sum()),
-        "best_epoch": best_epoch, "epochs_run": len(history),
-        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-        "device": str(device),
+        "best_epoch": state["best_epoch"], "epochs_run": len(state["history"]),
+        "train_seconds": round(sum(h["train_seconds"] + h.get("eval_seconds", 0.0)
+                                   for h in state["history"]), 1),
+        "eval_seconds": round(eval_seconds, 1), "device": str(device),
         "protocol": protocol(cfg.exclude_history),
-        "valid": valid, "test": test, "history": history, "config": to_dict(cfg),
+        "valid": valid, "test": test, "clusters": clusters, "config": to_dict(cfg),
     }
-    save_json(run_dir / "metrics.json", results)
+    checkpoint.save_json(results, run_dir / "metrics.json")
     print(f"wrote {run_dir / 'metrics.json'}")
     return results
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def tensorboard_writer(run_dir: Path):
     try:
-        cfg = parse_config(argv)
-        run(cfg)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("--tensorboard needs the tensorboard package (pip install tensorboard); "
+                      "logging to log.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def log_tensorboard(writer, stats: Dict) -> None:
+    if writer is None:
+        return
+    for key, value in stats.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(key, value, stats["epoch"])
+    for key, value in stats.get("valid", {}).items():
+        writer.add_scalar(f"valid/{key}", value, stats["epoch"])
+
+
+def run_seeds(cfg: Config, seeds: List[int]) -> Dict:
+    """One run per seed in <run_dir>/seed-<s>, then the mean and standard deviation of test."""
+    base = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs = []
+    for seed in seeds:
+        print(f"== seed {seed}")
+        runs.append(run_one(replace(cfg, seed=seed, seeds=None, run_dir=str(base / f"seed-{seed}"))))
+    summary = {"seeds": seeds, "test": {}, "valid": {}}
+    for split in ("valid", "test"):
+        for group in runs[0][split]:
+            values = {m: [r[split][group][m] for r in runs] for m in runs[0][split][group]}
+            summary[split][group] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))
+                                         if len(v) > 1 else 0.0} for m, v in values.items()}
+    print(f"test over seeds {seeds} (mean ± std):")
+    for m, v in summary["test"]["overall"].items():
+        print(f"  {m:<8} {v['mean']:.4f} ± {v['std']:.4f}")
+    checkpoint.save_json(summary, base / "summary.json")
+    print(f"wrote {base / 'summary.json'}")
+    return summary
+
+
+def resolve(argv: Optional[List[str]]) -> Config:
+    """The run's config: the command line, or a resumed run's saved config plus explicit flags."""
+    cfg = parse_config(argv)
+    if cfg.resume:
+        saved = Path(cfg.resume) / "config.json"
+        if not (Path(cfg.resume) / "last.pt").exists() or not saved.exists():
+            raise ConfigError(f"--resume {cfg.resume}: no last.pt and config.json to resume from")
+        given = explicit_flags(argv)
+        cfg = replace(Config(**json.loads(saved.read_text())), **given)
+        cfg.run_dir = cfg.resume
+    check_config(cfg)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cfg = None
+    try:
+        cfg = resolve(argv)
+        if cfg.seeds:
+            run_seeds(cfg, parse_seeds(cfg.seeds))
+        else:
+            run_one(cfg)
     except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:
         print(f"error: {err}; the best checkpoint so far is kept", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as err:
+        where = cfg.run_dir if cfg and cfg.run_dir else "the run directory"
+        print(f"stopped by {err}; continue with: python -m s4rec.train --resume {where}",
+              file=sys.stderr)
+        return 128 + err.signum
     return 0
 
 

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,17 @@ def test_train_cli_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["test"]) == {"overall", "head", "tail"}
     assert metrics["protocol"]["ties"].startswith("pessimistic")
-    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
-    for key in ("loss_sr", "loss_clust", "loss_scl", "loss_ckd", "loss_adv", "padding_share"):
-        assert key in metrics["history"][0]
-    assert (tmp_path / "run" / "best.pt").exists()
-    assert (tmp_path / "run" / "config.json").exists()
+    assert metrics["epochs_run"] == 2
+    for name in ("best.pt", "last.pt", "config.json", "log.jsonl"):
+        assert (tmp_path / "run" / name).exists(), name
+    logged = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in logged] == [0, 1] and "valid" in logged[0] and "lr" in logged[0]
+    for key in ("loss_sr", "loss_clust", "loss_scl", "loss_ckd", "loss_adv", "padding_share",
+                "cluster_entropy", "empty_clusters", "train_seconds"):
+        assert key in logged[0], key
+    clusters = metrics["clusters"]
+    assert clusters["k"] == 8 and sum(clusters["size"]) == metrics["users"]
+    assert len(clusters["head_rate"]) == 8
 
 
 def _write(tmp_path, name, text):
@@ -142,3 +149,58 @@ def test_flags_cover_the_objective():
     defaults = Config()
     assert (defaults.alpha, defaults.beta1, defaults.beta2, defaults.lam) == (0.01, 0.1, 0.1, 1.0)
     assert (defaults.n_clusters, defaults.eps, defaults.sinkhorn_iters) == (128, 0.05, 3)
+
+
+def _test_metrics(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return metrics["valid"], metrics["test"], metrics["best_epoch"]
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    args = ["--epochs", "4", "--seed", "5", *FAST]
+    full = _cli(args + ["--run-dir", str(tmp_path / "full")], tmp_path)
+    assert full.returncode == 0, full.stderr
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cut_dir = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "s4rec.train", *args, "--run-dir", str(cut_dir)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch   1"):
+            proc.send_signal(signal.SIGTERM)  # lands during epoch 2
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err and "Traceback" not in err
+    assert not (cut_dir / "metrics.json").exists()
+    logged = [json.loads(x) for x in (cut_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in logged] in ([0, 1], [0, 1, 2])
+
+    resumed = _cli(["--resume", str(cut_dir)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    assert _test_metrics(cut_dir) == _test_metrics(tmp_path / "full")
+    logged = [json.loads(x) for x in (cut_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in logged] == [0, 1, 2, 3]
+
+
+def test_deterministic_runs_are_bitwise_equal(tmp_path):
+    args = ["--epochs", "2", "--deterministic", "true", *FAST]
+    for name in ("a", "b"):
+        assert train.main(args + ["--run-dir", str(tmp_path / name)]) == 0
+    assert _test_metrics(tmp_path / "a") == _test_metrics(tmp_path / "b")
+
+
+def test_several_seeds_report_mean_and_std(tmp_path):
+    code = train.main(["--epochs", "1", "--seeds", "1,2", "--run-dir", str(tmp_path), *FAST])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    per_seed = [_test_metrics(tmp_path / f"seed-{s}")[1]["overall"]["ndcg@20"] for s in (1, 2)]
+    assert summary["test"]["overall"]["ndcg@20"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert summary["test"]["overall"]["ndcg@20"]["std"] == pytest.approx(np.std(per_seed, ddof=1))
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    proc = _cli(["--resume", str(tmp_path / "nothing")], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "last.pt" in proc.stderr

@@ -105,7 +105,7 @@ def check_agree(results: Dict[str, object], reference: str, rtol: float, atol: f
         for e, g in zip(exp_list, got_list):
             if isinstance(e, torch.Tensor):
                 torch.testing.assert_close(g.float(), e.float(), rtol=rtol, atol=atol,
-                                           msg=lambda m: f"{name} disagrees with {reference}: {m}")
+                                           msg=lambda m, who=name: f"{who} disagrees with {reference}: {m}")
 
 
 def write_table(op: str, rows: Sequence[Dict], columns: Sequence[str], device: torch.device,

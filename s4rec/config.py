@@ -58,6 +58,7 @@ class Config:
     # run
     seed: int = 1  # seed of every random number generator
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    kernels: str = "auto"  # the fused ops: "auto" (Triton on CUDA), "reference" (eager) or "triton"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     seeds: Optional[str] = None  # comma-separated seeds: one run each, then mean and std
     deterministic: bool = False  # deterministic algorithms only, so equal seeds give equal bits
@@ -117,6 +118,8 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
             extra["choices"] = ("all", "none")
         if f.name == "device":
             extra["choices"] = ("auto", "cpu", "cuda")
+        if f.name == "kernels":
+            extra["choices"] = ("auto", "reference", "triton")
         metavar = {"data": "PATH", "run_dir": "DIR", "resume": "DIR", "seeds": "LIST"}.get(
             f.name, type_name.upper())
         parser.add_argument(

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from s4rec_kernels._dispatch import default_backend, interpreter_enabled
+
 from . import checkpoint
 from .augment import Augmenter
 from .checkpoint import Interrupted, StopFlag, atomic_write_bytes
@@ -160,6 +162,9 @@ def run_one(cfg: Config) -> Dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if cfg.kernels == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise ConfigError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1, which runs "
+                          "the kernels slowly on the CPU)")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -173,7 +178,8 @@ def run_one(cfg: Config) -> Dict:
         raise DataError(f"{data.name}: no user has the 4 items a training pair needs")
     if cfg.batch_size < cfg.n_clusters or len(trainable) < cfg.n_clusters:
         warnings.warn(f"batches of {min(cfg.batch_size, len(trainable))} users are smaller than "
-                      f"K={cfg.n_clusters} prototypes: the equipartition target cannot use them all")
+                      f"K={cfg.n_clusters} prototypes: the equipartition target cannot use them all",
+                      stacklevel=2)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(data)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -276,7 +282,7 @@ def tensorboard_writer(run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         warnings.warn("--tensorboard needs the tensorboard package (pip install tensorboard); "
-                      "logging to log.jsonl only")
+                      "logging to log.jsonl only", stacklevel=2)
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -330,10 +336,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = None
     try:
         cfg = resolve(argv)
-        if cfg.seeds:
-            run_seeds(cfg, parse_seeds(cfg.seeds))
-        else:
-            run_one(cfg)
+        with default_backend(cfg.kernels):
+            if cfg.seeds:
+                run_seeds(cfg, parse_seeds(cfg.seeds))
+            else:
+                run_one(cfg)
     except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

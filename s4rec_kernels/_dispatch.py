@@ -11,8 +11,8 @@ Backends:
 Triton implementations are registered by op name with ``register_triton(op_name, fn)``. ``fn`` is
 called with the validated arguments (index tensors already converted to int64) in the order and
 with the meaning of the matching function in ``reference.py``, and must follow the same dtype rule.
-Registering must not import Triton: ``import s4rec_kernels`` has to work on machines without it,
-so an implementation imports its kernels when it is first called.
+Registering needs Triton, which is optional: ``import s4rec_kernels`` has to work on machines
+without it, so the op modules define and register their kernels only when Triton imports.
 
 Every check raises ``ValueError`` whose message starts with the op name, names the argument, and
 says what was expected and what was got. Nothing here runs at import time.
@@ -20,11 +20,12 @@ says what was expected and what was got. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import numbers
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,6 +74,24 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_AUTO = ["auto"]  # what backend="auto" means; changed only through `default_backend`
+
+
+@contextlib.contextmanager
+def default_backend(backend: str) -> Iterator[None]:
+    """Within the block, calls with backend="auto" use ``backend`` instead (e.g. the trainer's
+    ``--kernels reference`` runs the whole model on the eager references)."""
+    if backend not in BACKENDS:
+        allowed = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"default_backend: backend must be one of {allowed}; got {backend!r}")
+    previous = _AUTO[0]
+    _AUTO[0] = backend
+    try:
+        yield
+    finally:
+        _AUTO[0] = previous
+
+
 def resolve_backend(op_name: str, backend: str, *tensors: Optional[torch.Tensor]) -> str:
     """Return "triton" or "reference" for a call of ``op_name`` on ``tensors`` (None ignored).
 
@@ -83,6 +102,8 @@ def resolve_backend(op_name: str, backend: str, *tensors: Optional[torch.Tensor]
     if not isinstance(backend, str) or backend not in BACKENDS:
         allowed = ", ".join(repr(b) for b in BACKENDS)
         raise ValueError(f"{op_name}: backend must be one of {allowed}; got {backend!r}")
+    if backend == "auto":
+        backend = _AUTO[0]
     if backend == "reference":
         return "reference"
     present = [t for t in tensors if t is not None]

@@ -227,3 +227,26 @@ def test_shape_message_says_expected_and_got():
 def test_out_of_range_message_gives_position_and_value():
     with pytest.raises(ValueError, match=r"targets\[1\] = 7 is out of range; expected values in \[0, 7\)"):
         s4rec_kernels.item_rank(h, it, torch.tensor([0, 7, 2]), ptr, idx)
+
+
+def test_default_backend_changes_what_auto_means(monkeypatch):
+    seen = []
+
+    def fake(*args):
+        seen.append(args)
+        return torch.zeros(4, 3)
+
+    monkeypatch.setitem(_dispatch._TRITON_IMPLS, "sinkhorn", fake)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    scores = torch.randn(4, 3)
+    with _dispatch.default_backend("triton"):
+        s4rec_kernels.sinkhorn(scores)
+    assert len(seen) == 1
+    with _dispatch.default_backend("reference"):
+        s4rec_kernels.sinkhorn(scores, backend="triton")  # an explicit backend still wins
+    assert len(seen) == 2
+    s4rec_kernels.sinkhorn(scores)  # back to "auto": CPU tensors take the reference
+    assert len(seen) == 2
+    with pytest.raises(ValueError, match="backend"):
+        with _dispatch.default_backend("fast"):
+            pass

@@ -27,7 +27,8 @@ from .augment import Augmenter
 from .checkpoint import Interrupted, StopFlag, atomic_write_bytes
 from .config import (Config, ConfigError, check_config, explicit_flags, parse_config, parse_seeds,
                      to_dict)
-from .data import DataError, SequenceData, head_users, load_sequences, synthetic, train_sequences
+from .data import (DataError, SequenceData, head_users, load_dataset, save_mapping, synthetic,
+                   train_sequences)
 from .losses import TERMS, Batch, compute_losses, needs_views, total_loss
 from .metrics import cluster_report, evaluate, format_table, protocol
 from .model import S4Rec, pack
@@ -53,7 +54,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: Config) -> SequenceData:
-    data = synthetic() if cfg.data is None else load_sequences(cfg.data, cfg.n_items)
+    data = synthetic() if cfg.data is None else load_dataset(cfg.data, cfg.n_items)
     print(f"data {data.name}: {len(data)} users, {data.n_items} items, "
           f"{int(data.lengths.sum())} interactions")
     if data.n_skipped:
@@ -203,6 +204,7 @@ def run_one(cfg: Config) -> Dict:
         write_log(run_dir, state["history"])
         print(f"resumed {run_dir} at epoch {state['epoch']}")
     checkpoint.save_json(to_dict(cfg), run_dir / "config.json")
+    save_mapping(data, run_dir)  # original user and item tokens, for .inter input
     writer = tensorboard_writer(run_dir) if cfg.tensorboard else None
 
     def save_last():

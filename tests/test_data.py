@@ -1,7 +1,6 @@
 """Loader, leave-one-out split, batching helpers and the synthetic data set."""
 
 import math
-import os
 import time
 from collections import Counter, defaultdict
 

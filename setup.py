@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["s4rec", "s4rec.*", "s4rec_kernels", "s4rec_kernels.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",
         "numpy",
         "tqdm",
         "triton; platform_system == 'Linux'",

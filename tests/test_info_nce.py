@@ -1,5 +1,6 @@
 """info_nce_proto: checked against a per-anchor loop written from SPEC eq. 10, gradcheck, and
-planted alignments whose loss is known."""
+planted alignments whose loss is known; the Triton kernels against the reference, forward and
+backward, on every tile path, in every dtype, and under torch.compile."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import s4rec_kernels
-from _tolerances import ROUNDING_MARGIN, assert_close, backends
+from s4rec_kernels import _dispatch, info_nce
+from _tolerances import ROUNDING_MARGIN, TOL, assert_close, backends
 
 BACKENDS = backends("info_nce_proto")
 
@@ -159,3 +161,189 @@ def test_empty_batch_is_an_error():
     with pytest.raises(ValueError, match="z1"):
         s4rec_kernels.info_nce_proto(empty, empty, torch.zeros(3, 4),
                                      torch.zeros(0, dtype=torch.long), 0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernels against the reference: on CPU under the Triton interpreter, and on CUDA
+# ----------------------------------------------------------------------------------------------
+
+KERNEL_DEVICES = (["cpu"] if "triton" in BACKENDS else []) + (
+    ["cuda"] if torch.cuda.is_available() and _dispatch.triton_impl("info_nce_proto") else []
+)
+needs_kernels = pytest.mark.skipif(not KERNEL_DEVICES,
+                                   reason="no Triton: neither CUDA nor TRITON_INTERPRET=1")
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def loss_and_grads(z1, z2, protos, assign, tau, upstream, backend):
+    """Loss and the gradients of upstream * loss for z1, z2 and protos."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in (z1, z2, protos)]
+    loss = s4rec_kernels.info_nce_proto(*inputs, assign, tau, backend=backend)
+    grads = torch.autograd.grad(loss, inputs, upstream.to(loss))
+    return loss.detach(), grads
+
+
+def truth(z1, z2, protos, assign, tau, upstream):
+    """The reference in float64 on the same (rounded) input values."""
+    return loss_and_grads(z1.double(), z2.double(), protos.double(), assign, tau, upstream,
+                          backend="reference")
+
+
+def check_against_reference(z1, z2, protos, assign, tau, seed):
+    # a random upstream gradient, times 2B so each anchor's share of it is O(1)
+    upstream = torch.randn((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    upstream = (2 * z1.shape[0] * upstream).to(z1.device)
+    loss, grads = loss_and_grads(z1, z2, protos, assign, tau, upstream, backend="triton")
+    want_loss, want_grads = truth(z1, z2, protos, assign, tau, upstream)
+    assert loss.dtype == (torch.float64 if z1.dtype == torch.float64 else torch.float32)
+    assert_close(loss, want_loss, z1.dtype)
+    for got, want, name in zip(grads, want_grads, ("z1", "z2", "protos")):
+        assert got.dtype == z1.dtype and got.shape == want.shape, name
+        # entries are O(1/tau): the absolute tolerance scales with the largest one
+        atol = TOL[z1.dtype]["atol"] * max(1.0, float(want.abs().max()))
+        assert_close(got, want, z1.dtype, atol=atol)
+
+
+# (B, K, d): odd and tiny; anchors and keys over several tiles with ragged tails, z1/z2 and
+# view/prototype boundaries inside a tile; d padded to a power of two
+SHAPES = [(5, 3, 7), (37, 19, 20), (300, 129, 64)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [0.05, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernels_match_reference(device, dtype, tau, shape):
+    n, n_protos, d = shape
+    z1, z2, protos, assign = on(device, *make_inputs(n, n_protos, d, seed=n + d, dtype=dtype))
+    check_against_reference(z1, z2, protos, assign, tau, seed=n)
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("n,d", [(3, 5), (40, 33)])
+def test_kernels_single_prototype(device, n, d):
+    # K = 1: every user is assigned to it, so no prototype is ever a negative
+    z1, z2, protos, assign = on(device, *make_inputs(n, 1, d, seed=7, dtype=torch.float64))
+    check_against_reference(z1, z2, protos, assign, 0.2, seed=1)
+    one = torch.tensor(1.0, device=device)
+    _, grads = loss_and_grads(z1, z2, protos, assign, 0.2, one, "triton")
+    assert float(grads[2].abs().max()) == 0.0
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernels_repeated_assignments(device):
+    z1, z2, protos, _ = make_inputs(45, 6, 16, seed=8, dtype=torch.float64, normalise=False)
+    patterns = [torch.full((45,), 4), torch.arange(45) % 2, torch.zeros(45, dtype=torch.long)]
+    for assign in patterns:
+        check_against_reference(*on(device, z1, z2, protos, assign), 0.5, seed=2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_with_smallest_tiles(device, dtype, monkeypatch):
+    # 16 x 16 tiles: 5 anchor blocks and 6 key blocks, the last of each ragged, d = 20 in 32
+    monkeypatch.setattr(info_nce, "MAX_BLOCK_M", 16)
+    monkeypatch.setattr(info_nce, "MAX_BLOCK_N", 16)
+    z1, z2, protos, assign = on(device, *make_inputs(37, 19, 20, seed=9, dtype=dtype))
+    assign[:10] = 18  # several users on the last prototype, which sits in the ragged key tile
+    check_against_reference(z1, z2, protos, assign, 0.1, seed=3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernels_strided_inputs(device):
+    z1, z2, protos, assign = on(device, *make_inputs(9, 4, 6, seed=10, dtype=torch.float64))
+    wide = torch.cat([z1, z2], dim=1)  # z1 and z2 as column slices of one (B, 2d) matrix
+    protos_t = protos.t().contiguous().t()  # column-major
+    every_other = torch.stack([assign, assign], dim=1).reshape(-1)[::2]  # assign, strided
+    args = (wide[:, :6], wide[:, 6:], protos_t, every_other)
+    assert not any(t.is_contiguous() for t in (args[0], args[2], args[3]))
+    check_against_reference(*args, 0.3, seed=4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_half_inputs_no_worse_than_eager(device, dtype):
+    """CCE's rule: against the float64 truth on the unrounded inputs, the kernels' error (loss and
+    gradients) is at most eager PyTorch's own error in ``dtype`` plus a margin."""
+    z1, z2, protos, assign = make_inputs(40, 9, 32, seed=11)  # float64, 80 anchors: 2 blocks
+    tau, upstream = 0.1, torch.tensor(1.5, dtype=torch.float64)
+    want_loss, want_grads = truth(z1, z2, protos, assign, tau, upstream)
+    low = [t.to(dtype) for t in (z1, z2, protos)]
+    loss, grads = loss_and_grads(*on(device, *low, assign), tau, upstream.to(device), "triton")
+    assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    # eager PyTorch in dtype: the per-anchor loop, differentiated by autograd in dtype
+    eager_in = [t.detach().clone().requires_grad_(True) for t in low]
+    eager_loss = per_anchor_loss(*eager_in, assign, tau)
+    eager_grads = torch.autograd.grad(eager_loss, eager_in, upstream.to(dtype))
+
+    def err(got, want):
+        return float((got.detach().cpu().double() - want).abs().max())
+
+    margin = ROUNDING_MARGIN[dtype]
+    assert err(loss, want_loss) <= err(eager_loss, want_loss) + margin
+    for got, eager, want in zip(grads, eager_grads, want_grads):
+        assert err(got, want) <= err(eager, want) + margin
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernels_under_torch_compile_fullgraph(device):
+    # the kernels run as torch.library ops with fake implementations inside an autograd.Function,
+    # so the whole call, forward and backward, traces into one graph
+    z1, z2, protos, assign = on(device, *make_inputs(12, 5, 8, seed=12, dtype=torch.float32))
+
+    def step(a, b, c):
+        return 2.0 * s4rec_kernels.info_nce_proto(a, b, c, assign, 0.2, backend="triton")
+
+    backend = "inductor" if device == "cuda" else "aot_eager"  # no C++ toolchain needed on CPU
+    torch._dynamo.reset()
+    compiled_step = torch.compile(step, fullgraph=True, backend=backend)
+    inputs = [t.clone().requires_grad_(True) for t in (z1, z2, protos)]
+    loss = compiled_step(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    eager_inputs = [t.clone().requires_grad_(True) for t in (z1, z2, protos)]
+    eager_loss = step(*eager_inputs)
+    eager_grads = torch.autograd.grad(eager_loss, eager_inputs)
+    assert_close(loss, eager_loss, torch.float32)
+    for got, want in zip(grads, eager_grads):
+        assert_close(got, want, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_library_ops_pass_opcheck(device):
+    z1, z2, protos, assign = on(device, *make_inputs(6, 3, 8, seed=13, dtype=torch.float32))
+    keys = torch.cat([z1, z2, protos])
+    config = info_nce._launch_config(8, torch.float32)
+    fwd = torch.ops.s4rec_kernels.info_nce_proto_fwd
+    bwd = torch.ops.s4rec_kernels.info_nce_proto_bwd
+    torch.library.opcheck(fwd.default, (keys, assign, 6, 0.3, *config))
+    lse2, _ = fwd(keys, assign, 6, 0.3, *config)
+    grad = torch.tensor(0.7, device=device)
+    torch.library.opcheck(bwd.default, (grad, keys, assign, lse2, 6, 0.3, *config))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is measured on CUDA")
+def test_kernels_memory_is_linear_in_batch():
+    n, n_protos, d = 16384, 128, 64
+    z1, z2, protos, assign = on("cuda", *make_inputs(n, n_protos, d, seed=14, dtype=torch.float32))
+    inputs = [t.requires_grad_(True) for t in (z1, z2, protos)]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = s4rec_kernels.info_nce_proto(*inputs, assign, 0.1, backend="triton")
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    logits_bytes = 2 * n * (2 * n + n_protos) * 4  # what the eager reference keeps: 4.3 GB
+    assert extra < 16 * (2 * n + n_protos) * d * 4  # a few (2B + K, d) buffers: 34 MB here
+    assert extra < logits_bytes / 50

@@ -20,7 +20,7 @@ import argparse
 import gc
 import itertools
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +151,21 @@ def bench_shape(n: int, n_protos: int, d: int, dtype: torch.dtype,
                 row["x_eager"] = eager_ms / row["median_ms"]
         rows += mode_rows
     return rows
+
+
+def cases(quick: bool) -> List[Tuple[str, Callable[[], Callable[[], object]]]]:
+    """(id, make) pairs for pytest-benchmark: make() builds the inputs and returns the call."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes: Sequence = FULL_SHAPES if device.type == "cuda" and not quick else QUICK_SHAPES
+    out = []
+    for n, n_protos, d in shapes:
+        for mode in MODES:
+            for name in providers(device):
+                def make(n=n, n_protos=n_protos, d=d, mode=mode, name=name):
+                    inputs, assign = make_inputs(n, n_protos, d, torch.float32, device)
+                    return timed_call(providers(device)[name], inputs, assign, mode)
+                out.append((f"B{n}-K{n_protos}-d{d}-{mode}-{name}", make))
+    return out
 
 
 def run(quick: bool = False, out_dir: Optional[Path] = None,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -86,10 +86,7 @@ def providers(device: torch.device) -> Dict[str, Callable]:
 
 def bench_shape(shape, n_iters: int, device: torch.device, fns: Dict[str, Callable]) -> List[Dict]:
     n_rows, n_cols = shape
-    g = torch.Generator(device="cpu").manual_seed(0)
-    z = torch.nn.functional.normalize(torch.randn(n_rows, 64, generator=g), dim=1)
-    mu = torch.nn.functional.normalize(torch.randn(n_cols, 64, generator=g), dim=1)
-    scores = (z @ mu.t()).to(device)  # (B, K) cosine scores, as in the clustering loss
+    scores = make_scores(shape, device)  # (B, K)
 
     outputs, usable = {}, {}
     for name, fn in fns.items():
@@ -120,6 +117,31 @@ def bench_shape(shape, n_iters: int, device: torch.device, fns: Dict[str, Callab
             "peak_extra_mib": t["peak"],
         })
     return rows
+
+
+def make_scores(shape, device: torch.device) -> torch.Tensor:
+    """Cosine scores (B, K) of random unit users and prototypes, as in the clustering loss."""
+    n_rows, n_cols = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(n_rows, 64, generator=g), dim=1)
+    mu = torch.nn.functional.normalize(torch.randn(n_cols, 64, generator=g), dim=1)
+    return (z @ mu.t()).to(device)
+
+
+def cases(quick: bool) -> List[Tuple[str, Callable[[], Callable[[], object]]]]:
+    """(id, make) pairs for pytest-benchmark: make() builds the inputs and returns the call."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = CPU_SHAPES if device.type == "cpu" else (QUICK_SHAPES if quick else SHAPES)
+    fns = providers(device)
+    out = []
+    for shape in shapes:
+        for n_iters in N_ITERS:
+            for name, fn in fns.items():
+                def make(shape=shape, n_iters=n_iters, fn=fn):
+                    scores = make_scores(shape, device)
+                    return lambda: fn(scores, EPS, n_iters)
+                out.append((f"{shape[0]}x{shape[1]}-it{n_iters}-{name}", make))
+    return out
 
 
 def run(quick: bool, out_dir=None) -> List[Dict]:

@@ -86,16 +86,7 @@ def load_sequences(path, n_items: Optional[int] = None) -> SequenceData:
     name = os.path.splitext(os.path.basename(path))[0]
     n_items = _check_n_items(path, n_items)
 
-    raw = _read_bytes(path)
-    if not raw:
-        raise DataError(f"{path}: file is empty")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
-    del raw
-
+    text = _read_text(path)
     lines = text.split("\n")
     tokens: list[str] = []
     counts = np.empty(len(lines), dtype=np.int64)  # tokens per line, blank lines included

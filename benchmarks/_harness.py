@@ -5,12 +5,13 @@ cache); on CPU they are wall time of a synchronous call. Every figure names its 
 """
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import re
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,6 +88,26 @@ def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[fl
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def parse_shapes(text: str) -> List[Tuple[int, ...]]:
+    """'4096x12101x64,512x128' -> [(4096, 12101, 64), (512, 128)] (a --shapes flag)."""
+    try:
+        return [tuple(int(x) for x in shape.split("x")) for shape in text.split(",") if shape]
+    except ValueError:
+        raise SystemExit(f"error: --shapes expects shapes like 4096x1024, got {text!r}") from None
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for a device out-of-memory error (a provider too big for the device is a result)."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def free(device: torch.device) -> None:
+    """Return cached memory between providers, so one's peak does not count against the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def compiled(fn: Callable) -> Optional[Callable]:
     """`torch.compile(fn)`, or None where compiling is not possible here."""
     try:
@@ -104,8 +125,9 @@ def check_agree(results: Dict[str, object], reference: str, rtol: float, atol: f
         got_list = got if isinstance(got, (tuple, list)) else [got]
         for e, g in zip(exp_list, got_list):
             if isinstance(e, torch.Tensor):
-                torch.testing.assert_close(g.float(), e.float(), rtol=rtol, atol=atol,
-                                           msg=lambda m, who=name: f"{who} disagrees with {reference}: {m}")
+                torch.testing.assert_close(
+                    g.float(), e.float(), rtol=rtol, atol=atol,
+                    msg=lambda m, who=name: f"{who} disagrees with {reference}: {m}")
 
 
 def write_table(op: str, rows: Sequence[Dict], columns: Sequence[str], device: torch.device,

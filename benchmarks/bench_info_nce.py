@@ -17,7 +17,6 @@ which is a correctness tool, not a timing one.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -66,16 +65,6 @@ def providers(device: torch.device) -> Dict[str, Callable]:
     return found
 
 
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def check_agreement(fns: Dict[str, Callable], inputs, assign) -> Dict[str, str]:
     """Loss and gradients of every provider against eager's (compiled's where eager runs out of
     memory). Gradients are compared as fractions of the reference's largest entry. Returns
@@ -89,10 +78,10 @@ def check_agreement(fns: Dict[str, Callable], inputs, assign) -> Dict[str, str]:
             grads = torch.autograd.grad(loss, inputs)
             results[name] = (loss.detach().float(), *(g.float() for g in grads))
         except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not is_oom(err):
+            if not _harness.is_oom(err):
                 raise
             status[name] = "OOM"
-        free(inputs[0].device)
+        _harness.free(inputs[0].device)
     base = "eager" if "eager" in results else "compiled" if "compiled" in results else None
     if base is not None:
         scales = [float(g.abs().max()) or 1.0 for g in results[base][1:]]
@@ -142,9 +131,9 @@ def bench_shape(n: int, n_protos: int, d: int, dtype: torch.dtype,
                 row["TFLOP/s"] = model_tflop(n, n_protos, d, mode) / (row["median_ms"] / 1e3)
                 del call
             except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not is_oom(err):
+                if not _harness.is_oom(err):
                     raise
-            free(device)
+            _harness.free(device)
         eager_ms = next((r["median_ms"] for r in mode_rows if r["provider"] == "eager"), "OOM")
         for row in mode_rows:
             if isinstance(eager_ms, float) and isinstance(row["median_ms"], float):
@@ -169,10 +158,12 @@ def cases(quick: bool) -> List[Tuple[str, Callable[[], Callable[[], object]]]]:
 
 
 def run(quick: bool = False, out_dir: Optional[Path] = None,
-        dtype: torch.dtype = torch.float32) -> List[Dict]:
-    """Benchmark every shape on the default device; print and write the table; return its rows."""
+        dtype: torch.dtype = torch.float32, shapes: Optional[Sequence] = None) -> List[Dict]:
+    """Benchmark every shape (B, K, d) on the default device; print and write the table; return
+    its rows. ``shapes`` replaces the default list."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes: Sequence = FULL_SHAPES if device.type == "cuda" and not quick else QUICK_SHAPES
+    if shapes is None:
+        shapes = FULL_SHAPES if device.type == "cuda" and not quick else QUICK_SHAPES
     rows: List[Dict] = []
     for n, n_protos, d in shapes:
         rows += bench_shape(n, n_protos, d, dtype, device)
@@ -196,8 +187,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="dtype of z1, z2 and protos")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for the .md and .json tables (default {_harness.RESULTS})")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated BxKxd shapes instead of the default list")
     args = parser.parse_args(argv)
-    run(args.quick, args.out, getattr(torch, args.dtype))
+    shapes = _harness.parse_shapes(args.shapes) if args.shapes else None
+    run(args.quick, args.out, getattr(torch, args.dtype), shapes)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ is a correctness tool, not a timing one.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -109,16 +108,6 @@ def peer_providers() -> Dict[str, Callable]:
     return found
 
 
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def check_agreement(fns: Dict[str, Callable], inputs) -> Dict[str, str]:
     """Loss and gradients of every provider against eager's (ours where eager runs out of memory);
     gradients as fractions of the reference's largest entry. Returns provider -> "OOM", "yes",
@@ -133,10 +122,10 @@ def check_agreement(fns: Dict[str, Callable], inputs) -> Dict[str, str]:
             results[name] = (loss.detach().float(), *(g.float() for g in grads))
             del loss, grads
         except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not is_oom(err):
+            if not _harness.is_oom(err):
                 raise
             status[name] = "OOM"
-        free(hidden.device)
+        _harness.free(hidden.device)
     base = next((b for b in ("eager", "compiled", "ours") if b in results), None)
     half = hidden.dtype != torch.float32
     for name, got in results.items():
@@ -214,17 +203,17 @@ def bench_shape(n: int, n_items: int, d: int, dtype: torch.dtype, device: torch.
                     row["of_exp_floor"] = floor / row["median_ms"]
                 del call
             except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not is_oom(err):
+                if not _harness.is_oom(err):
                     raise
                 row.update(median_ms="OOM", p20_ms=None, p80_ms=None)
-            free(device)
+            _harness.free(device)
         eager_ms = next((r["median_ms"] for r in mode_rows if r["provider"] == "eager"), "OOM")
         for row in mode_rows:
             if isinstance(eager_ms, float) and isinstance(row["median_ms"], float):
                 row["x_eager"] = eager_ms / row["median_ms"]
         rows += mode_rows
     del inputs
-    free(device)
+    _harness.free(device)
     return rows
 
 
@@ -285,6 +274,21 @@ def bench_rank(n_users: int, batch: int, n_items: int, d: int, device: torch.dev
     return rows
 
 
+def cases(quick: bool) -> List[Tuple[str, Callable[[], Callable[[], object]]]]:
+    """(id, make) pairs for pytest-benchmark: make() builds the inputs and returns the call."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = FULL_SHAPES if device.type == "cuda" and not quick else QUICK_SHAPES
+    out = []
+    for n, n_items, d in shapes:
+        for mode in MODES:
+            for name in providers(device):
+                def make(n=n, n_items=n_items, d=d, mode=mode, name=name):
+                    inputs = make_inputs(n, n_items, d, torch.bfloat16, device)
+                    return timed_call(providers(device, [name])[name], inputs, mode)
+                out.append((f"N{n}-V{n_items}-d{d}-{mode}-{name}", make))
+    return out
+
+
 def run(quick: bool = False, out_dir: Optional[Path] = None,
         dtype: torch.dtype = torch.bfloat16,
         shapes: Optional[Sequence[Tuple[int, int, int]]] = None,
@@ -333,9 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "liger, cce, cce_exact)")
     parser.add_argument("--no-rank", action="store_true", help="skip the item_rank table")
     args = parser.parse_args(argv)
-    shapes = None
-    if args.shapes:
-        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    shapes = _harness.parse_shapes(args.shapes) if args.shapes else None
     only = args.providers.split(",") if args.providers else None
     run(args.quick, args.out, getattr(torch, args.dtype), shapes, only, rank=not args.no_rank)
 

@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import s4rec_kernels
-from benchmarks._harness import (check_agree, compiled, device_label, peak_extra_mb, time_ms,
-                                 write_table)
+from benchmarks._harness import (check_agree, compiled, device_label, parse_shapes, peak_extra_mb,
+                                 time_ms, write_table)
 from s4rec_kernels import _dispatch, reference
 
 OP = "sinkhorn"
@@ -144,10 +144,11 @@ def cases(quick: bool) -> List[Tuple[str, Callable[[], Callable[[], object]]]]:
     return out
 
 
-def run(quick: bool, out_dir=None) -> List[Dict]:
+def run(quick: bool, out_dir=None, shapes: Optional[List[Tuple[int, int]]] = None) -> List[Dict]:
     """Benchmark every shape and n_iters on this machine's device; print and write the table."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = CPU_SHAPES if device.type == "cpu" else (QUICK_SHAPES if quick else SHAPES)
+    if shapes is None:
+        shapes = CPU_SHAPES if device.type == "cpu" else (QUICK_SHAPES if quick else SHAPES)
     fns = providers(device)
     rows: List[Dict] = []
     with warnings.catch_warnings():
@@ -165,8 +166,10 @@ def main() -> None:
                         help="skip the largest shape (on CPU only the small one runs anyway)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the table (default benchmarks/results)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated BxK shapes instead of the default list")
     args = parser.parse_args()
-    run(args.quick, args.out)
+    run(args.quick, args.out, parse_shapes(args.shapes) if args.shapes else None)
 
 
 if __name__ == "__main__":

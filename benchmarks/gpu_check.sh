@@ -43,12 +43,33 @@ for name in ("liger_kernel", "cut_cross_entropy", "ot"):
 PY
 
 status=0
-say "== tests"
-timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -n 25 | tee -a "$LOG"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, remember a failure
+  local name=$1 limit=$2; shift 2
+  say "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 60 "$OUT/$name.log" >> "$LOG"
+  say "== $name: exit $rc after $((SECONDS - t0))s"
+  [ $rc -eq 0 ] || status=1
+}
 
-say "== benchmarks"
-timeout 260 python3 -m benchmarks --out "$OUT" 2>&1 | tee "$OUT/benchmarks.log" | tail -n 200 >>"$LOG"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-say "== done (status $status); tables in $OUT"
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  # GPU: about 8 minutes in all; the shapes each kernel's targets are stated at
+  step tests 180 python3 -m pytest -q -x -p no:cacheprovider tests
+  step item_softmax 120 python3 -m benchmarks.bench_item_softmax --out "$OUT" \
+    --shapes 4096x12101x64,8192x1000000x64
+  mkdir -p "$OUT/10M"
+  step item_softmax_10M 60 python3 -m benchmarks.bench_item_softmax --out "$OUT/10M" \
+    --shapes 8192x10000000x64 --providers ours,cce,cce_exact,liger --no-rank
+  step info_nce 60 python3 -m benchmarks.bench_info_nce --out "$OUT" \
+    --shapes 4096x128x64,4096x1024x128,65536x128x64
+  step sinkhorn 45 python3 -m benchmarks.bench_sinkhorn --out "$OUT" --shapes 512x128,4096x1024
+  step train 60 python3 -m benchmarks.bench_train --out "$OUT" --steps 10
+else
+  say "no CUDA device: the CPU path (interpreter tests, quick shapes)"
+  step tests 1200 python3 -m pytest -q -x -p no:cacheprovider tests
+  step benchmarks 600 python3 -m benchmarks --quick --out "$OUT"
+fi
+say "== done (status $status); tables and logs in $OUT"
 exit $status

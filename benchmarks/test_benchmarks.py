@@ -22,7 +22,8 @@ def _cases():
     for op in OPS:
         module = importlib.import_module(f"benchmarks.bench_{op}")
         if hasattr(module, "cases"):
-            out += [pytest.param(make, id=f"{op}-{case_id}") for case_id, make in module.cases(QUICK)]
+            out += [pytest.param(make, id=f"{op}-{case_id}")
+                    for case_id, make in module.cases(QUICK)]
     return out
 
 

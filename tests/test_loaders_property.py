@@ -49,9 +49,12 @@ def decode(raw: bytes) -> str:
     if not raw:
         raise Bad(None, "file is empty")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise Bad(raw[:e.start].count(b"\n") + 1, "not UTF-8") from None
+    if "\x00" in text:
+        raise Bad(text[:text.index("\x00")].count("\n") + 1, "NUL byte")
+    return text
 
 
 def read_lines_oracle(raw: bytes, n_items):
@@ -94,8 +97,6 @@ def read_inter_oracle(raw: bytes, n_items):
     if n_items is not None and (type(n_items) is not int or not 1 <= n_items <= MAX_ITEM_ID):
         raise Bad(None, "n_items must be")
     text = decode(raw)
-    if "\x00" in text:
-        raise Bad(text[:text.index("\x00")].count("\n") + 1, "NUL byte")
     lines = text.split("\n")
     header = lines[0][1:] if lines[0].startswith("\ufeff") else lines[0]
     if header.strip() == "":

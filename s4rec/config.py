@@ -37,7 +37,7 @@ class Config:
     tau3: float = 0.1  # temperature of the self-distillation softmaxes
     eps: float = 0.05  # Sinkhorn entropy regulariser
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp rounds
-    normalize: bool = True  # L2-normalise z and prototypes in the contrast and distillation terms
+    normalize: bool = True  # L2-normalise z (and prototypes) in the contrast, distillation, adversary
     proto_renorm: bool = True  # renormalise prototypes to unit length after every step
     freeze_protos_steps: int = 0  # keep prototypes fixed for this many first steps
     # augmentations (one operator drawn per view)

@@ -99,7 +99,8 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, T
         if w["ckd"] > 0:
             terms["ckd"] = distill_loss(z1, z2, model.prototypes, assign, cfg.tau3, cfg.normalize)
     if w["adv"] > 0:
-        terms["adv"] = F.cross_entropy(model.head_logits(z), batch.head)
+        z_adv = F.normalize(z, dim=1) if cfg.normalize else z
+        terms["adv"] = F.cross_entropy(model.head_logits(z_adv), batch.head)
     return terms, assign
 
 

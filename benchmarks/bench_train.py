@@ -5,11 +5,20 @@
 Rows: each provider (eager references; the same with the encoder under torch.compile; the fused
 Triton kernels, CUDA only) times each objective (SR only, the full S4Rec objective). A step is the
 whole training step: batch assembly with augmentations, forward, backward and the optimiser.
+
+When `recbole` is installed (an optional benchmark dependency), the SR-only objective also gets a
+row for RecBole's SASRec with the CE loss at the same settings, on the same interactions (see
+benchmarks/_recbole.py). Its epoch is not ours: ours is one pass over the users, each user's
+training sequence encoded once with every position a next-item target; RecBole's is one pass over
+one training sample per prefix of every user's sequence, each scored at its last position only.
+Both epochs cover the same next-item targets (ours keeps each user's last max_len), so s/epoch and
+targets/s compare, while s/step and users/s count different things.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -25,17 +34,31 @@ from s4rec.model import S4Rec
 from s4rec.train import make_batch, training_pool
 from s4rec_kernels._dispatch import default_backend
 
+from . import _recbole
 from ._harness import device_label, peak_extra_mb, write_table
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Beauty.txt"
+DATA_DIR = Path(os.environ.get("S4REC_DATA_DIR",
+                              Path(__file__).resolve().parents[2] / "shared" / "data"))
+DEFAULT_DATA = DATA_DIR / "Beauty.txt"
 OBJECTIVES = {
     "SR only": dict(alpha=0.0, beta1=0.0, beta2=0.0, lam=0.0),
     "S4Rec": {},
 }
+RESULT_KEYS = ("s_per_step", "p20_s", "p80_s", "steps_per_epoch", "s_per_epoch", "users_per_s",
+               "targets_per_s", "warmup_s", "peak_mb", "padding_share")
+COLUMNS = ["data", "objective", "provider", "batch", "s_per_step", "p20_s", "p80_s",
+           "steps_per_epoch", "s_per_epoch", "users_per_s", "targets_per_s", "speedup_vs_eager",
+           "peak_mb", "padding_share", "warmup_s"]
 
 
 def time_steps(data, cfg: Config, provider: str, steps: int, warmup: int, device) -> Dict:
-    """Median seconds of a full training step, after `warmup` untimed steps."""
+    """Median seconds of a full training step, after `warmup` untimed steps.
+
+    Returns RESULT_KEYS: the median and 20th/80th percentile seconds per step; steps per epoch (one
+    pass over the trainable users) and seconds per epoch (median x steps); users and next-item
+    targets (positions scored by the SR loss) per second; the warmup's seconds; peak extra memory
+    in MB (CUDA only, else None); the share of encoded positions that were padding.
+    """
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = S4Rec(data.n_items, cfg.hidden, cfg.heads, cfg.layers, cfg.dropout, cfg.max_len,
@@ -59,7 +82,7 @@ def time_steps(data, cfg: Config, provider: str, steps: int, warmup: int, device
         model.renormalize_prototypes()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return batch.original.padding_share
+        return batch.original.padding_share, batch.original.n_real
 
     kernels = "triton" if provider == "fused (ours)" else "reference"
     with default_backend(kernels):
@@ -67,18 +90,57 @@ def time_steps(data, cfg: Config, provider: str, steps: int, warmup: int, device
         for _ in range(warmup):
             step()
         warm_s = time.perf_counter() - t0
-        samples, padding = [], []
+        samples, padding, targets = [], [], []
         for _ in range(steps):
             t0 = time.perf_counter()
-            padding.append(step())
+            share, n_targets = step()
             samples.append(time.perf_counter() - t0)
+            padding.append(share)
+            targets.append(n_targets)
         peak = peak_extra_mb(step, device)
     median = float(np.median(samples))
     per_epoch = math.ceil(len(trainable) / batch_size)
     return {"s_per_step": median, "p20_s": float(np.percentile(samples, 20)),
-            "p80_s": float(np.percentile(samples, 80)), "s_per_epoch": median * per_epoch,
-            "users_per_s": batch_size / median, "warmup_s": warm_s,
+            "p80_s": float(np.percentile(samples, 80)), "steps_per_epoch": per_epoch,
+            "s_per_epoch": median * per_epoch, "users_per_s": batch_size / median,
+            "targets_per_s": float(np.mean(targets)) / median, "warmup_s": warm_s,
             "peak_mb": peak, "padding_share": float(np.mean(padding))}
+
+
+def measure(data, cfg: Config, providers: List[str], steps: int, warmup: int, device,
+            recbole: bool = True) -> List[Dict]:
+    """One row per (objective, provider); plus RecBole's SASRec for SR only when it is importable.
+
+    speedup_vs_eager is eager's s/epoch over the row's: for our providers, which share an epoch,
+    it is the per-step ratio too.
+    """
+    skip = _recbole.unavailable() if recbole else "not asked for"
+    if recbole and skip:
+        print(f"{_recbole.PROVIDER}: skipped, {skip}")
+    rows = []
+    for objective, weights in OBJECTIVES.items():
+        cfg_obj = Config(**{**cfg.__dict__, **weights})
+        runs = [(provider, time_steps, (provider,)) for provider in providers]
+        if objective == "SR only" and not skip:
+            runs.append((_recbole.PROVIDER, _recbole.time_steps, ()))
+        eager_epoch = None
+        for provider, timer, extra in runs:
+            try:
+                res = timer(data, cfg_obj, *extra, steps=steps, warmup=warmup, device=device)
+            except torch.cuda.OutOfMemoryError:
+                res = {"s_per_step": None, "note": "OOM"}
+            except Exception as err:  # a peer's own failure must not take our rows with it
+                if provider != _recbole.PROVIDER:
+                    raise
+                print(f"{provider}: failed, {type(err).__name__}: {err}")
+                continue
+            if provider == "eager":
+                eager_epoch = res.get("s_per_epoch")
+            epoch = res.get("s_per_epoch")
+            speedup = eager_epoch / epoch if eager_epoch and epoch else None
+            rows.append({"data": data.name, "objective": objective, "provider": provider,
+                         "batch": cfg.batch_size, **res, "speedup_vs_eager": speedup})
+    return rows
 
 
 def run(quick: bool = True, out_dir: Optional[Path] = None, data_path: Optional[str] = None,
@@ -93,27 +155,23 @@ def run(quick: bool = True, out_dir: Optional[Path] = None, data_path: Optional[
         providers.append("torch.compile")
     if device.type == "cuda":
         providers.append("fused (ours)")
-    rows = []
-    for objective, weights in OBJECTIVES.items():
-        cfg_obj = Config(**{**cfg.__dict__, **weights})
-        eager_s = None
-        for provider in providers:
-            try:
-                res = time_steps(data, cfg_obj, provider, steps, warmup=1 if quick else 3,
-                                 device=device)
-            except torch.cuda.OutOfMemoryError:
-                res = {"s_per_step": None, "note": "OOM"}
-            if provider == "eager":
-                eager_s = res["s_per_step"]
-            speedup = eager_s / res["s_per_step"] if eager_s and res["s_per_step"] else None
-            rows.append({"data": data.name, "objective": objective, "provider": provider,
-                         "batch": cfg.batch_size, **res, "speedup_vs_eager": speedup})
-    columns = ["data", "objective", "provider", "batch", "s_per_step", "p20_s", "p80_s",
-               "s_per_epoch", "users_per_s", "speedup_vs_eager", "peak_mb", "padding_share",
-               "warmup_s"]
-    write_table("train", rows, columns, device, out_dir,
-                note=f"{steps} timed steps of B={cfg.batch_size} on {data.name}, d={cfg.hidden}, "
-                     f"{cfg.layers} layers, K={cfg.n_clusters}; {device_label(device)}")
+    rows = measure(data, cfg, providers, steps, 1 if quick else 3, device)
+    note = (f"{steps} timed steps of B={cfg.batch_size} on {data.name}, d={cfg.hidden}, "
+            f"{cfg.layers} layers, K={cfg.n_clusters}; {device_label(device)}. An epoch is one "
+            "pass over the users; targets_per_s counts the next-item targets the SR loss scores.")
+    if any(row["provider"] == _recbole.PROVIDER for row in rows):
+        note += (f" {_recbole.PROVIDER}: hidden_size={cfg.hidden}, inner_size={4 * cfg.hidden}, "
+                 f"n_layers={cfg.layers}, n_heads={cfg.heads}, dropout {cfg.dropout} (hidden and "
+                 f"attention), MAX_ITEM_LIST_LENGTH={cfg.max_len}, train_batch_size="
+                 f"{cfg.batch_size}, Adam lr={cfg.lr}, split LS valid_and_test, autograd anomaly "
+                 "detection off (RecBole 1.2.1 turns it on at import). Its epoch is not ours: ours "
+                 "encodes each user's training sequence once, every position a next-item target; "
+                 "RecBole's is one sample per prefix of each user's training sequence, scored at "
+                 "its last position only, hence its many more steps per epoch. Both cover the same "
+                 "next-item targets (ours keeps each user's last max_len), so s_per_epoch and "
+                 "targets_per_s compare; users_per_s is users for ours and prefix sequences for "
+                 "RecBole. speedup_vs_eager = eager's s_per_epoch / the row's.")
+    write_table("train", rows, COLUMNS, device, out_dir, note=note)
     return rows
 
 

@@ -29,13 +29,13 @@ into one graph that treats the kernels as opaque ops.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import ContextManager, Tuple
+from typing import Tuple
 
 import torch
 
 from s4rec_kernels import _dispatch, reference
+from s4rec_kernels._launch import on_device
 
 try:
     import triton
@@ -281,11 +281,6 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _on_device(t: torch.Tensor) -> ContextManager:
-    """Launch on ``t``'s GPU whatever the current device is (a no-op on CPU, in the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_config(dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of width ``dim`` in ``dtype``, shared by the three
     kernels. Compiled for sm_90, these spill at most a few dozen bytes at d <= 64 in any dtype
@@ -329,7 +324,7 @@ def info_nce_fwd(
     loss2 = torch.empty(n_rows, dtype=compute, device=keys.device)
     consts = torch.full((1,), math.log2(math.e) / tau, dtype=compute, device=keys.device)
     qk_precision, _ = _precisions(keys.dtype)
-    with _on_device(keys):
+    with on_device(keys.device):
         _info_nce_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             keys, assign, consts, lse2, loss2,
             n_views, n_keys, dim,
@@ -358,7 +353,7 @@ def info_nce_bwd(
     dkeys = torch.empty_like(keys)
     block_d = max(16, triton.next_power_of_2(dim))
     qk_precision, grad_precision = _precisions(keys.dtype)
-    with _on_device(keys):
+    with on_device(keys.device):
         _info_nce_bwd_dq_kernel[(triton.cdiv(n_rows, block_m),)](
             keys, assign, consts, lse2, dq, neg_mass,
             n_views, n_keys, dim,

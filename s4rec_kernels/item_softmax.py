@@ -76,14 +76,13 @@ merged on the host by torch.topk over (ranges x k) keys, so only (U, k) leaves. 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from typing import Optional, Tuple
 
 import torch
 
 from s4rec_kernels import _dispatch, reference
+from s4rec_kernels._launch import on_device, programs_per_device
 
 try:
     import triton
@@ -565,24 +564,10 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _on_device(device: torch.device):
-    """Make ``device`` current while launching (Triton launches on the current CUDA device)."""
-    if (device.type == "cuda" and device.index is not None
-            and device.index != torch.cuda.current_device()):
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     """How many programs the range splits aim for."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return PROGRAMS_PER_SM * _sm_count(index)
+        return programs_per_device(device, PROGRAMS_PER_SM)
     return INTERPRET_TARGET_PROGRAMS
 
 
@@ -664,7 +649,7 @@ def ce_forward(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
     part_m = torch.empty(n_splits, n_active, dtype=torch.float32, device=device)
     part_l = torch.empty(n_splits, n_active, dtype=torch.float32, device=device)
     has_rows = rows is not None
-    with _on_device(device):
+    with on_device(device):
         _ce_fwd_kernel[(n_row_blocks * n_splits,)](
             hidden, items, rows, part_m, part_l,
             n_active, n_items, dim, tiles_per_split,
@@ -709,7 +694,7 @@ def ce_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, items: torch.Tens
             compact = n_splits > 1
             out = (torch.empty(n_splits, n_active, dim, dtype=torch.float32, device=device)
                    if compact else dh)
-            with _on_device(device):
+            with on_device(device):
                 _ce_bwd_dh_kernel[(n_row_blocks * n_splits,)](
                     hidden, items, targets, rows, stats, grad_rows, out,
                     n_active, n_rows, n_items, dim, tiles_per_split,
@@ -741,7 +726,7 @@ def ce_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, items: torch.Tens
             n_splits, blocks_per_split = _splits(n_item_blocks, n_row_blocks, target)
             out = (torch.empty(n_splits, n_items, dim, dtype=torch.float32, device=device)
                    if n_splits > 1 else torch.empty(n_items, dim, dtype=store, device=device))
-            with _on_device(device):
+            with on_device(device):
                 _ce_bwd_de_kernel[(n_item_blocks * n_splits,)](
                     hidden, items, targets, rows, stats, grad_rows, out,
                     n_active, n_rows, n_items, dim, blocks_per_split,
@@ -788,7 +773,7 @@ def rank_forward(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tenso
     has_exclude = indices.numel() > 0
     sorted_indices = _sorted_exclusions(indptr, indices, n_items) if has_exclude else indices
     counts = torch.empty(n_splits, n_users, dtype=torch.int32, device=device)
-    with _on_device(device):
+    with on_device(device):
         _rank_kernel[(n_user_blocks * n_splits,)](
             hidden, items, targets, sorted_indices, indptr, counts,
             n_users, n_items, dim, tiles_per_split,
@@ -831,7 +816,7 @@ def topk_forward(hidden: torch.Tensor, items: torch.Tensor, k: int,
     else:
         sorted_indices = indptr = torch.zeros(1, dtype=torch.int64, device=device)
     keys = torch.empty(n_splits, n_users, block_k, dtype=torch.int64, device=device)
-    with _on_device(device):
+    with on_device(device):
         _topk_kernel[(n_user_blocks, n_splits)](
             hidden, items, sorted_indices, indptr, keys,
             n_users, n_items, dim, tiles_per_split, k,

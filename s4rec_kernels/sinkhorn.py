@@ -56,13 +56,12 @@ every other dtype is loaded and computed in float32, whatever autocast says.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 
 import torch
 
 from s4rec_kernels import _dispatch, reference
+from s4rec_kernels._launch import on_device, programs_per_device
 
 try:
     import triton
@@ -323,23 +322,10 @@ if triton is not None:
                     tl.store(out_ptr + pid.to(tl.int64) * K + offs_k, tl.sum(p, axis=0),
                              mask=mask_k)
 
-def _on_device(device: torch.device):
-    """Make ``device`` current while launching (Triton launches on the current CUDA device)."""
-    if device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     """How many row-block programs the multi-program path aims for (a few in the interpreter)."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return PROGRAMS_PER_SM * _sm_count(index)
+        return programs_per_device(device, PROGRAMS_PER_SM)
     return 2 * PROGRAMS_PER_SM
 
 
@@ -451,7 +437,7 @@ def _sinkhorn_triton(scores: torch.Tensor, eps: float, n_iters: int) -> torch.Te
     n_rows, n_cols = scores.shape
     q = torch.empty((n_rows, n_cols), dtype=torch.float32, device=scores.device)
     scale = LOG2E / eps
-    with _on_device(scores.device):
+    with on_device(scores.device):
         if _fits_one_program(n_rows, n_cols):
             _launch_single(scores, q, scale, n_iters)
         else:

@@ -24,14 +24,15 @@ from s4rec_kernels._dispatch import default_backend, interpreter_enabled
 
 from . import checkpoint
 from .augment import Augmenter
-from .checkpoint import Interrupted, StopFlag, atomic_write_bytes
+from .checkpoint import Interrupted, StopFlag
 from .config import (Config, ConfigError, check_config, explicit_flags, parse_config, parse_seeds,
                      to_dict)
 from .data import (DataError, SequenceData, head_users, load_dataset, save_mapping, synthetic,
                    train_sequences)
-from .losses import TERMS, Batch, compute_losses, needs_views, total_loss
+from .losses import Batch, compute_losses, needs_views, total_loss
 from .metrics import cluster_report, evaluate, format_table, protocol
 from .model import S4Rec, pack
+from .runlog import default_run_dir, epoch_line, log_tensorboard, tensorboard_writer, write_log
 
 
 class NonFiniteLoss(RuntimeError):
@@ -131,30 +132,6 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
         stats.update(cluster_health(counts))
     stats["padding_share"] = 1.0 - real / max(encoded, 1)
     return stats, step
-
-
-def default_run_dir(data: SequenceData) -> Path:
-    return Path("runs") / f"{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def epoch_line(stats: Dict, n_clusters: int) -> str:
-    line = f"epoch {stats['epoch']:3d} " + " ".join(
-        f"{k[5:]}={stats[k]:.4f}" for k in ["loss_total"] + [f"loss_{t}" for t in TERMS] if k in stats)
-    if "cluster_entropy" in stats:
-        line += (f" | clusters entropy={stats['cluster_entropy']:.3f}/{math.log(n_clusters):.3f}"
-                 f" empty={stats['empty_clusters']}")
-    line += f" | padding={stats['padding_share']:.1%} {stats['train_seconds']:.1f}s"
-    if "valid" in stats:
-        v = stats["valid"]
-        line += (f" | valid hit@20={v['hit@20']:.4f} ndcg@20={v['ndcg@20']:.4f}"
-                 f" ({stats['eval_seconds']:.1f}s)")
-    return line
-
-
-def write_log(run_dir: Path, history: List[Dict]) -> None:
-    """log.jsonl: one JSON object per finished epoch (rewritten whole, so a resume never duplicates)."""
-    text = "".join(json.dumps(entry) + "\n" for entry in history)
-    atomic_write_bytes(run_dir / "log.jsonl", lambda tmp: tmp.write_text(text))
 
 
 def run_one(cfg: Config) -> Dict:
@@ -277,26 +254,6 @@ def finish(model, data, head, cfg, run_dir, state, device, eval_args) -> Dict:
     checkpoint.save_json(results, run_dir / "metrics.json")
     print(f"wrote {run_dir / 'metrics.json'}")
     return results
-
-
-def tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        warnings.warn("--tensorboard needs the tensorboard package (pip install tensorboard); "
-                      "logging to log.jsonl only", stacklevel=2)
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def log_tensorboard(writer, stats: Dict) -> None:
-    if writer is None:
-        return
-    for key, value in stats.items():
-        if isinstance(value, (int, float)) and key != "epoch":
-            writer.add_scalar(key, value, stats["epoch"])
-    for key, value in stats.get("valid", {}).items():
-        writer.add_scalar(f"valid/{key}", value, stats["epoch"])
 
 
 def run_seeds(cfg: Config, seeds: List[int]) -> Dict:

@@ -160,6 +160,7 @@ def run_one(cfg: Config) -> Dict:
                       stacklevel=2)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(data)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)  # recorded in config.json, and named by the resume hint
 
     model = S4Rec(data.n_items, cfg.hidden, cfg.heads, cfg.layers, cfg.dropout, cfg.max_len,
                   cfg.n_clusters).to(device)
@@ -306,6 +307,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}; the best checkpoint so far is kept", file=sys.stderr)
         return 3
+    except OSError as err:  # e.g. a run directory that cannot be written
+        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 2
     except Interrupted as err:
         where = cfg.run_dir if cfg and cfg.run_dir else "the run directory"
         print(f"stopped by {err}; continue with: python -m s4rec.train --resume {where}",

@@ -245,3 +245,11 @@ def test_fused_kernels_train_like_the_references():
     ref = _loss_curve("reference", steps, device, small)
     fused = _loss_curve("triton", steps, device, small)
     np.testing.assert_allclose(fused, ref, rtol=2e-2 if cuda else 1e-4, atol=1e-4)
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = _cli(["--epochs", "1", "--run-dir", str(blocker / "run"), *FAST], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and str(blocker) in proc.stderr

@@ -88,6 +88,37 @@ def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[fl
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def mode_call(loss: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor],
+              mode: str) -> Callable[[], object]:
+    """The call to time for ``mode`` ("forward", "backward", "forward+backward") of a scalar
+    ``loss()`` differentiated in ``wrt``; backward replays a graph built once, here."""
+    if mode == "forward":
+        return loss
+    if mode == "forward+backward":
+        return lambda: torch.autograd.grad(loss(), wrt)
+    graph = loss()
+    return lambda: torch.autograd.grad(graph, wrt, retain_graph=True)
+
+
+def losses_and_grads(fns: Dict[str, Callable], loss_of: Callable[[Callable], torch.Tensor],
+                     wrt: Sequence[torch.Tensor]):
+    """Run every provider once: ({name: (loss, *grads in wrt) as fp32}, {name: "OOM"} for the
+    providers that ran out of memory). Other errors propagate."""
+    results, status = {}, {}
+    for name, fn in fns.items():
+        try:
+            loss = loss_of(fn)
+            grads = torch.autograd.grad(loss, wrt)
+            results[name] = (loss.detach().float(), *(g.float() for g in grads))
+            del loss, grads
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            status[name] = "OOM"
+        free(wrt[0].device)
+    return results, status
+
+
 def parse_shapes(text: str) -> List[Tuple[int, ...]]:
     """'4096x12101x64,512x128' -> [(4096, 12101, 64), (512, 128)] (a --shapes flag)."""
     try:

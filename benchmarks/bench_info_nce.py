@@ -71,17 +71,7 @@ def check_agreement(fns: Dict[str, Callable], inputs, assign) -> Dict[str, str]:
     provider -> "OOM" for those that ran out of memory, "yes" for those that agree and "no
     reference" where nothing else fits ("reference" for the one compared with); raises if a
     provider disagrees."""
-    results, status = {}, {}
-    for name, fn in fns.items():
-        try:
-            loss = fn(*inputs, assign, TAU)
-            grads = torch.autograd.grad(loss, inputs)
-            results[name] = (loss.detach().float(), *(g.float() for g in grads))
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _harness.is_oom(err):
-                raise
-            status[name] = "OOM"
-        _harness.free(inputs[0].device)
+    results, status = _harness.losses_and_grads(fns, lambda fn: fn(*inputs, assign, TAU), inputs)
     base = "eager" if "eager" in results else "compiled" if "compiled" in results else None
     if base is not None:
         scales = [float(g.abs().max()) or 1.0 for g in results[base][1:]]
@@ -95,13 +85,8 @@ def check_agreement(fns: Dict[str, Callable], inputs, assign) -> Dict[str, str]:
 
 
 def timed_call(fn: Callable, inputs, assign, mode: str) -> Callable[[], object]:
-    """The call to time for ``mode``; backward replays a graph built once, here."""
-    if mode == "forward":
-        return lambda: fn(*inputs, assign, TAU)
-    if mode == "forward+backward":
-        return lambda: torch.autograd.grad(fn(*inputs, assign, TAU), inputs)
-    loss = fn(*inputs, assign, TAU)
-    return lambda: torch.autograd.grad(loss, inputs, retain_graph=True)
+    """The call to time for ``mode``; gradients for z1, z2 and protos."""
+    return _harness.mode_call(lambda: fn(*inputs, assign, TAU), inputs, mode)
 
 
 def model_tflop(n: int, n_protos: int, d: int, mode: str) -> float:

@@ -113,19 +113,9 @@ def check_agreement(fns: Dict[str, Callable], inputs) -> Dict[str, str]:
     gradients as fractions of the reference's largest entry. Returns provider -> "OOM", "yes",
     "filtered" (CCE's approximate gradients: loss checked, gradients loosely), "reference" or
     "no reference"; raises if a provider disagrees."""
-    results, status = {}, {}
     hidden, items, targets = inputs
-    for name, fn in fns.items():
-        try:
-            loss = fn(hidden, items, targets)
-            grads = torch.autograd.grad(loss, (hidden, items))
-            results[name] = (loss.detach().float(), *(g.float() for g in grads))
-            del loss, grads
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _harness.is_oom(err):
-                raise
-            status[name] = "OOM"
-        _harness.free(hidden.device)
+    results, status = _harness.losses_and_grads(fns, lambda fn: fn(hidden, items, targets),
+                                                (hidden, items))
     base = next((b for b in ("eager", "compiled", "ours") if b in results), None)
     half = hidden.dtype != torch.float32
     for name, got in results.items():
@@ -147,14 +137,9 @@ def check_agreement(fns: Dict[str, Callable], inputs) -> Dict[str, str]:
 
 
 def timed_call(fn: Callable, inputs, mode: str) -> Callable[[], object]:
-    """The call to time for ``mode``; backward replays a graph built once, here."""
+    """The call to time for ``mode``; gradients for hidden and items."""
     hidden, items, targets = inputs
-    if mode == "forward":
-        return lambda: fn(hidden, items, targets)
-    if mode == "forward+backward":
-        return lambda: torch.autograd.grad(fn(hidden, items, targets), (hidden, items))
-    loss = fn(hidden, items, targets)
-    return lambda: torch.autograd.grad(loss, (hidden, items), retain_graph=True)
+    return _harness.mode_call(lambda: fn(hidden, items, targets), (hidden, items), mode)
 
 
 def time_call(call: Callable[[], object], device: torch.device) -> Dict[str, object]:

@@ -17,6 +17,7 @@ targets/s compare, while s/step and users/s count different things.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import time
@@ -29,9 +30,8 @@ import torch
 from s4rec.augment import Augmenter
 from s4rec.config import Config
 from s4rec.data import head_users, load_sequences, synthetic
-from s4rec.losses import compute_losses, total_loss
 from s4rec.model import S4Rec
-from s4rec.train import make_batch, training_pool
+from s4rec.train import make_batch, train_step, training_pool
 from s4rec_kernels._dispatch import default_backend
 
 from . import _recbole
@@ -71,15 +71,12 @@ def time_steps(data, cfg: Config, provider: str, steps: int, warmup: int, device
     trainable = np.flatnonzero(data.lengths >= 4)
     batch_size = min(cfg.batch_size, len(trainable))
 
+    counter = itertools.count()
+
     def step():
         users = rng.choice(trainable, batch_size, replace=False)
         batch = make_batch(data, users, head, cfg, augmenter, rng, device)
-        terms, _ = compute_losses(model, batch, cfg)
-        loss = total_loss(terms, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.renormalize_prototypes()
+        train_step(model, optimizer, batch, cfg, next(counter))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return batch.original.padding_share, batch.original.n_real

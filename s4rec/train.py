@@ -93,6 +93,25 @@ def cluster_health(counts: np.ndarray) -> Dict[str, float]:
     return {"cluster_entropy": float(-(nz * np.log(nz)).sum()), "empty_clusters": int((counts == 0).sum())}
 
 
+def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int, where: str = ""):
+    """One optimiser step on `batch`: (total loss, unweighted terms, assigned clusters or None).
+    A non-finite loss raises NonFiniteLoss naming the terms, before any parameter changes."""
+    terms, assign = compute_losses(model, batch, cfg)
+    loss = total_loss(terms, cfg)
+    if not torch.isfinite(loss):
+        bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+        raise NonFiniteLoss(f"loss term {', '.join(bad) or 'total'} became non-finite at {where}"
+                            f"step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if step < cfg.freeze_protos_steps:
+        model.prototypes.grad = None
+    optimizer.step()
+    if cfg.proto_renorm:
+        model.renormalize_prototypes()
+    return loss, terms, assign
+
+
 def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, rng, device,
                 step: int, epoch: int, stop: StopFlag):
     """One pass over the trainable users in random batches; returns (epoch stats, step)."""
@@ -106,19 +125,7 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
     for users in bar:
         stop.check()
         batch = make_batch(data, users, head, cfg, augmenter, rng, device)
-        terms, assign = compute_losses(model, batch, cfg)
-        loss = total_loss(terms, cfg)
-        if not torch.isfinite(loss):
-            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            raise NonFiniteLoss(f"loss term {', '.join(bad) or 'total'} became non-finite at epoch "
-                                f"{epoch}, step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step < cfg.freeze_protos_steps:
-            model.prototypes.grad = None
-        optimizer.step()
-        if cfg.proto_renorm:
-            model.renormalize_prototypes()
+        loss, terms, assign = train_step(model, optimizer, batch, cfg, step, f"epoch {epoch}, ")
         step += 1
         for name, value in [*terms.items(), ("total", loss)]:
             sums[name] = sums.get(name, 0.0) + value.item()

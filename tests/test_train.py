@@ -207,7 +207,6 @@ def test_resume_needs_a_checkpoint(tmp_path):
 
 
 def _loss_curve(kernels: str, steps: int, device: str, small: bool):
-    from s4rec.losses import compute_losses as losses_of, total_loss
     from s4rec.model import S4Rec
     from s4rec_kernels._dispatch import default_backend
 
@@ -224,15 +223,10 @@ def _loss_curve(kernels: str, steps: int, device: str, small: bool):
     trainable = np.flatnonzero(data.lengths >= 4)
     curve = []
     with default_backend(kernels):
-        for _ in range(steps):
+        for step in range(steps):
             users = rng.choice(trainable, cfg.batch_size, replace=False)
             batch = train.make_batch(data, users, head, cfg, augmenter, rng, device)
-            terms, _ = losses_of(model, batch, cfg)
-            loss = total_loss(terms, cfg)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            model.renormalize_prototypes()
+            loss, terms, _ = train.train_step(model, optimizer, batch, cfg, step)
             curve.append([loss.item()] + [terms[t].item() for t in sorted(terms)])
     return np.array(curve)
 

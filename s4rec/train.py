@@ -25,8 +25,8 @@ from s4rec_kernels._dispatch import default_backend, interpreter_enabled
 from . import checkpoint
 from .augment import Augmenter
 from .checkpoint import Interrupted, StopFlag
-from .config import (Config, ConfigError, check_config, explicit_flags, parse_config, parse_seeds,
-                     to_dict)
+from .config import (Config, ConfigError, apply_named, check_config, explicit_flags, parse_config,
+                     parse_seeds, to_dict)
 from .data import (DataError, SequenceData, head_users, load_dataset, save_mapping, synthetic,
                    train_sequences)
 from .losses import Batch, compute_losses, needs_views, total_loss
@@ -295,6 +295,8 @@ def resolve(argv: Optional[List[str]]) -> Config:
         given = explicit_flags(argv)
         cfg = replace(Config(**json.loads(saved.read_text())), **given)
         cfg.run_dir = cfg.resume
+    else:
+        cfg = apply_named(cfg, explicit_flags(argv))
     check_config(cfg)
     return cfg
 

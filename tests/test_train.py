@@ -247,3 +247,38 @@ def test_unwritable_run_dir_is_one_line(tmp_path):
     proc = _cli(["--epochs", "1", "--run-dir", str(blocker / "run"), *FAST], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and str(blocker) in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["sr-only", "no-csd", "no-gr"])
+def test_ablation_flag_zeroes_its_terms_only(name):
+    from s4rec.config import ABLATIONS
+    cfg = train.resolve(["--ablation", name])
+    base = Config()
+    for term in ("alpha", "beta1", "beta2", "lam"):
+        expected = 0.0 if term in ABLATIONS[name] else getattr(base, term)
+        assert getattr(cfg, term) == expected, term
+
+
+def test_ablation_refuses_a_weight_it_removes():
+    from s4rec.config import ConfigError
+    with pytest.raises(ConfigError, match="--ablation no-gr sets --lam to 0"):
+        train.resolve(["--ablation", "no-gr", "--lam", "0.5"])
+    assert train.resolve(["--ablation", "no-gr", "--lam", "0"]).lam == 0
+
+
+def test_preset_fills_what_is_not_given_and_flags_win():
+    from s4rec.config import PRESETS
+    for name, values in PRESETS.items():
+        cfg = train.resolve(["--preset", name])
+        for key, value in values.items():
+            assert getattr(cfg, key) == value, (name, key)
+    key, value = next(iter(PRESETS["ml-1m"].items()))
+    other = value * 2 if isinstance(value, int) else value / 2
+    cfg = train.resolve(["--preset", "ml-1m", f"--{key.replace('_', '-')}", str(other)])
+    assert getattr(cfg, key) == other
+
+
+def test_bad_preset_is_one_line(tmp_path):
+    out = _cli(["--preset", "nope"], tmp_path)
+    assert out.returncode == 2
+    assert "--preset" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,143 @@
+"""Accuracy results: collect finished runs into benchmarks/results/accuracy-<data set>.json, and
+print the README's table from those files.
+
+  python -m benchmarks.accuracy add RUN_DIR --model "w/o GR" --command "python -m s4rec.train ..."
+  python -m benchmarks.accuracy table [--dataset Beauty]
+
+`add` reads RUN_DIR/metrics.json (written by `python -m s4rec.train` at the end of a run) and
+stores one object per run: dataset, model, seed, epochs, best epoch, device, date, command, wall
+time, and the valid / test metrics overall and for head and tail users, with the head-rate
+quartiles. A run already stored under the same model and seed is replaced. `table` prints one row
+per model: the test metrics (mean +- std when there are several seeds) and the validation ndcg@20.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPORTED = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20")
+TABLE = ("hit@5", "hit@20", "ndcg@5", "ndcg@20")
+
+
+def describe_device(name: str) -> str:
+    if name.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cores = len(__import__("os").sched_getaffinity(0))
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cores} cores of {cpu}, torch {torch.__version__}"
+
+
+def _round(metrics: Dict[str, float]) -> Dict[str, float]:
+    return {k: round(float(metrics[k]), 4) for k in REPORTED if k in metrics}
+
+
+def entry(run_dir: Path, model: str, command: str, device: Optional[str] = None) -> Dict:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (is the run finished?)")
+    m = json.loads(path.read_text())
+    out = {
+        "dataset": m["dataset"], "model": model, "seed": m["seed"],
+        "epochs": m["epochs_run"], "best_epoch": m["best_epoch"],
+        "device": device or describe_device(m["device"]),
+        "date": time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime)),
+        "command": command, "train_seconds": m["train_seconds"],
+        "test": _round(m["test"]["overall"]), "valid": _round(m["valid"]["overall"]),
+        "test_head": _round(m["test"]["head"]), "test_tail": _round(m["test"]["tail"]),
+        "head_rate_quartiles": [round(q, 3) for q in (m["clusters"].get("head_rate_quartiles") or [])],
+        "protocol": m["protocol"],
+    }
+    return out
+
+
+def results_path(dataset: str) -> Path:
+    return RESULTS / f"accuracy-{dataset}.json"
+
+
+def add(run_dir: Path, model: str, command: str, device: Optional[str] = None) -> Path:
+    new = entry(run_dir, model, command, device)
+    path = results_path(new["dataset"])
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if (r["model"], r["seed"]) != (model, new["seed"])] + [new]
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    return path
+
+
+def summarize(rows: List[Dict]) -> List[Dict]:
+    """One line per model, in the order models first appear: mean and std over seeds."""
+    models: Dict[str, List[Dict]] = {}
+    for r in rows:
+        models.setdefault(r["model"], []).append(r)
+    out = []
+    for model, runs in models.items():
+        line = {"model": model, "seeds": sorted(r["seed"] for r in runs), "n": len(runs),
+                "epochs": [r["epochs"] for r in runs], "best": [r["best_epoch"] for r in runs]}
+        for split in ("test", "valid"):
+            for k in TABLE:
+                values = [r[split][k] for r in runs]
+                line[f"{split} {k}"] = (statistics.mean(values),
+                                        statistics.stdev(values) if len(values) > 1 else None)
+        out.append(line)
+    return out
+
+
+def _cell(mean_std) -> str:
+    mean, std = mean_std
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def table(dataset: str) -> str:
+    path = results_path(dataset)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    lines = ["| model | seeds | hit@5 | hit@20 | ndcg@5 | ndcg@20 | valid ndcg@20 | epochs (best) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summarize(json.loads(path.read_text())):
+        epochs = ", ".join(f"{e} ({b})" for e, b in zip(s["epochs"], s["best"]))
+        cells = [_cell(s[f"test {k}"]) for k in TABLE]
+        lines.append(f"| {s['model']} | {','.join(map(str, s['seeds']))} | " + " | ".join(cells)
+                     + f" | {_cell(s['valid ndcg@20'])} | {epochs} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p_add = sub.add_parser("add", help="store a finished run")
+    p_add.add_argument("run_dir", type=Path)
+    p_add.add_argument("--model", required=True, help='row label, e.g. "S4Rec", "SR-only", "K=64"')
+    p_add.add_argument("--command", required=True, help="the command that produced the run")
+    p_add.add_argument("--device", default=None, help="device description (default: this machine)")
+    p_table = sub.add_parser("table", help="print the README table")
+    p_table.add_argument("--dataset", default="Beauty")
+    args = parser.parse_args(argv)
+    try:
+        if args.what == "add":
+            print(f"wrote {add(args.run_dir, args.model, args.command, args.device)}")
+        else:
+            print(table(args.dataset))
+    except (ValueError, KeyError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

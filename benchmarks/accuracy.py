@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -23,24 +22,19 @@ from typing import Dict, List, Optional
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks._harness import RESULTS, device_label
+
 REPORTED = ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20")
 TABLE = ("hit@5", "hit@20", "ndcg@5", "ndcg@20")
 
 
-def describe_device(name: str) -> str:
+def describe_device(name: str, threads: int) -> str:
+    """The run's device; for a CPU, its model and the run's own thread count (--threads)."""
     if name.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cores = len(__import__("os").sched_getaffinity(0))
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cores} cores of {cpu}, torch {torch.__version__}"
+        return f"{device_label(torch.device(name))}, torch {torch.__version__}"
+    cpu = device_label(torch.device("cpu")).rsplit(" (", 1)[0]
+    used = f"{threads} threads" if threads else "torch's default threads"
+    return f"CPU: {cpu}, {used}, torch {torch.__version__}"
 
 
 def _round(metrics: Dict[str, float]) -> Dict[str, float]:
@@ -55,7 +49,7 @@ def entry(run_dir: Path, model: str, command: str, device: Optional[str] = None)
     out = {
         "dataset": m["dataset"], "model": model, "seed": m["seed"],
         "epochs": m["epochs_run"], "best_epoch": m["best_epoch"],
-        "device": device or describe_device(m["device"]),
+        "device": device or describe_device(m["device"], m["config"].get("threads", 0)),
         "date": time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime)),
         "command": command, "train_seconds": m["train_seconds"],
         "test": _round(m["test"]["overall"]), "valid": _round(m["valid"]["overall"]),

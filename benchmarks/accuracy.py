@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,8 +34,8 @@ def describe_device(name: str, threads: int) -> str:
     if name.startswith("cuda"):
         return f"{device_label(torch.device(name))}, torch {torch.__version__}"
     cpu = device_label(torch.device("cpu")).rsplit(" (", 1)[0]
-    used = f"{threads} threads" if threads else "torch's default threads"
-    return f"CPU: {cpu}, {used}, torch {torch.__version__}"
+    used = f"{threads} thread{'s' if threads > 1 else ''}" if threads else "torch's default threads"
+    return f"CPU: {os.cpu_count()}-core {cpu}, {used}, torch {torch.__version__}"
 
 
 def _round(metrics: Dict[str, float]) -> Dict[str, float]:

@@ -185,6 +185,8 @@ def run_one(cfg: Config) -> Dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
+        # an early-stopped run goes on when resumed with a larger --patience
+        state["stopped"] = state["bad_evals"] >= cfg.patience
         checkpoint.set_rng_state(ckpt["rng"], rng)
         write_log(run_dir, state["history"])
         print(f"resumed {run_dir} at epoch {state['epoch']}")

@@ -185,6 +185,16 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     assert [e["epoch"] for e in logged] == [0, 1, 2, 3]
 
 
+def test_early_stopped_run_goes_on_when_resumed_with_more_patience(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train.main(["--epochs", "4", "--patience", "0", *FAST, "--run-dir", str(run_dir)]) == 0
+    assert [json.loads(x)["epoch"] for x in (run_dir / "log.jsonl").read_text().splitlines()] == [0]
+    assert train.main(["--resume", str(run_dir), "--patience", "10"]) == 0
+    logged = [json.loads(x)["epoch"] for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2, 3]
+    assert json.loads((run_dir / "config.json").read_text())["patience"] == 10
+
+
 def test_deterministic_runs_are_bitwise_equal(tmp_path):
     args = ["--epochs", "2", "--deterministic", "true", *FAST]
     for name in ("a", "b"):

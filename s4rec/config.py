@@ -57,6 +57,7 @@ class Config:
     eval_batch_size: int = 1024  # users per evaluation batch
     exclude_history: str = "all"  # "all": never rank the user's own history; "none": rank it
     max_pad: float = 1 / 3  # largest share of padding in an encoder call (length buckets)
+    train_window: str = "last"  # "last": the newest max_len training items; "random": a random window
     # run
     seed: int = 1  # seed of every random number generator
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
@@ -152,6 +153,8 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
         extra = {}
         if f.name == "exclude_history":
             extra["choices"] = ("all", "none")
+        if f.name == "train_window":
+            extra["choices"] = ("last", "random")
         if f.name == "device":
             extra["choices"] = ("auto", "cpu", "cuda")
         if f.name == "preset":

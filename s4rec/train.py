@@ -71,10 +71,19 @@ def training_pool(data: SequenceData) -> np.ndarray:
     return data.items[keep]
 
 
+def window(seq: np.ndarray, size: int, how: str, rng: np.random.Generator) -> np.ndarray:
+    """The part of a training sequence one step learns from: its last `size` items, or ("random")
+    the `size` items ending at a uniformly drawn point, so long histories are seen in full."""
+    if how == "last" or len(seq) <= size:
+        return seq[-size:]
+    end = int(rng.integers(size, len(seq) + 1))
+    return seq[end - size:end]
+
+
 def make_batch(data: SequenceData, users: np.ndarray, head: np.ndarray, cfg: Config,
                augmenter: Augmenter, rng: np.random.Generator, device) -> Batch:
     """Next-item pairs S[:-3] -> S[1:-2] for each user, and two augmented views of the inputs."""
-    cut = [s[-(cfg.max_len + 1):] for s in train_sequences(data, users)]
+    cut = [window(s, cfg.max_len + 1, cfg.train_window, rng) for s in train_sequences(data, users)]
     inputs = [s[:-1] for s in cut]
     targets = [s[1:] for s in cut]
     original = pack(inputs, cfg.max_len, cfg.max_pad, device, targets)

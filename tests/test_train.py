@@ -122,11 +122,12 @@ def _planted_data():
     return SequenceData(items, offsets, np.arange(40), n_items=99, name="planted")
 
 
-def test_training_never_sees_held_out_items():
+@pytest.mark.parametrize("how", ["last", "random"])
+def test_training_never_sees_held_out_items(how):
     # Augmentation happens after the split: inputs, targets, views and the insert pool hold no
     # validation or test target.
     data = _planted_data()
-    cfg = Config(max_len=8, insert_ratio=1.0, mask_ratio=0.5)
+    cfg = Config(max_len=8, insert_ratio=1.0, mask_ratio=0.5, train_window=how)
     pool = train.training_pool(data)
     assert pool.max() < 90
     augmenter = Augmenter(mask_id=100, pool=pool, insert_ratio=1.0, mask_ratio=0.5)
@@ -139,6 +140,19 @@ def test_training_never_sees_held_out_items():
             assert not ((seen >= 90) & (seen < 100)).any()
         targets = torch.cat([t.flatten() for t in batch.original.targets])
         assert targets.max() < 90
+
+
+def test_random_window_is_a_contiguous_part_and_reaches_every_item():
+    rng = np.random.default_rng(0)
+    seq = np.arange(1, 31)
+    assert np.array_equal(train.window(seq, 9, "last", rng), seq[-9:])
+    assert np.array_equal(train.window(seq[:5], 9, "random", rng), seq[:5])  # shorter: all of it
+    seen = set()
+    for _ in range(400):
+        part = train.window(seq, 9, "random", rng)
+        assert len(part) == 9 and np.array_equal(np.diff(part), np.ones(8))
+        seen.update(part.tolist())
+    assert seen == set(seq.tolist())
 
 
 def test_flags_cover_the_objective():

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every run behind the README's accuracy tables, one after another, each stored with
+# `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
+#
+#   bash benchmarks/accuracy_runs.sh [GROUP ...]     groups: beauty ablations seeds ksweep ml-1m
+#
+# Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
+# stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
+# is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1").
+# On a 2-core CPU a Beauty run takes 20-40 minutes, an ML-1M run about an hour.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+EXTRA=${EXTRA:-}
+GROUPS_WANTED=${*:-beauty ablations seeds ksweep ml-1m}
+
+run() {  # run NAME MODEL-LABEL FLAGS...
+    local name=$1 label=$2
+    shift 2
+    local dir=runs/acc/$name
+    local cmd="python -m s4rec.train $* --progress false"
+    if [[ ! -f $dir/metrics.json ]]; then
+        if [[ -f $dir/last.pt ]]; then
+            python -m s4rec.train --resume "$dir" --progress false
+        else
+            # shellcheck disable=SC2086
+            $cmd $EXTRA --run-dir "$dir"
+        fi
+    fi
+    python -m benchmarks.accuracy add "$dir" --model "$label" --command "$cmd"
+}
+
+B="--data $DATA/Beauty.txt --epochs 100"
+for group in $GROUPS_WANTED; do
+    case $group in
+        beauty)
+            run beauty-s4rec-s1 "S4Rec" $B --preset beauty --seed 1
+            run beauty-sr-s1 "SR-only" $B --preset beauty --ablation sr-only --seed 1
+            run beauty-paper-s1 "S4Rec (paper weights)" $B --preset paper --seed 1 ;;
+        ablations)
+            run beauty-nocsd-s1 "w/o CSD" $B --preset beauty --ablation no-csd --seed 1
+            run beauty-nogr-s1 "w/o GR" $B --preset beauty --ablation no-gr --seed 1 ;;
+        seeds)
+            for seed in 2 3; do
+                run beauty-s4rec-s$seed "S4Rec" $B --preset beauty --seed $seed
+                run beauty-sr-s$seed "SR-only" $B --preset beauty --ablation sr-only --seed $seed
+            done ;;
+        ksweep)
+            for k in 32 64 256 512; do
+                run beauty-k$k-s1 "K=$k" $B --preset beauty --n-clusters $k --seed 1
+            done ;;
+        ml-1m)
+            run ml1m-s4rec-s1 "S4Rec" --data "$DATA/ml-1m.txt" --preset ml-1m --seed 1
+            run ml1m-sr-s1 "SR-only" --data "$DATA/ml-1m.txt" --preset ml-1m --ablation sr-only --seed 1 ;;
+        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m)" >&2; exit 2 ;;
+    esac
+done
+for dataset in Beauty ml-1m; do
+    [[ -f benchmarks/results/accuracy-$dataset.json ]] && python -m benchmarks.accuracy table --dataset $dataset
+done

@@ -82,7 +82,9 @@ def summarize(rows: List[Dict]) -> List[Dict]:
     out = []
     for model, runs in models.items():
         line = {"model": model, "seeds": sorted(r["seed"] for r in runs), "n": len(runs),
-                "epochs": [r["epochs"] for r in runs], "best": [r["best_epoch"] for r in runs]}
+                "epochs": [r["epochs"] for r in runs], "best": [r["best_epoch"] for r in runs],
+                "minutes": [r.get("train_seconds", 0) / 60 for r in runs],
+                "devices": sorted({r["device"].split(" (")[0] for r in runs})}
         for split in ("test", "valid"):
             for k in TABLE:
                 values = [r[split][k] for r in runs]
@@ -101,13 +103,14 @@ def table(dataset: str) -> str:
     path = results_path(dataset)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
-    lines = ["| model | seeds | hit@5 | hit@20 | ndcg@5 | ndcg@20 | valid ndcg@20 | epochs (best) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | seeds | hit@5 | hit@20 | ndcg@5 | ndcg@20 | valid ndcg@20 | epochs (best) "
+             "| minutes | device |", "| --- " * 10 + "|"]
     for s in summarize(json.loads(path.read_text())):
         epochs = ", ".join(f"{e} ({b})" for e, b in zip(s["epochs"], s["best"]))
         cells = [_cell(s[f"test {k}"]) for k in TABLE]
         lines.append(f"| {s['model']} | {','.join(map(str, s['seeds']))} | " + " | ".join(cells)
-                     + f" | {_cell(s['valid ndcg@20'])} | {epochs} |")
+                     + f" | {_cell(s['valid ndcg@20'])} | {epochs} | "
+                     + ", ".join(f"{m:.0f}" for m in s["minutes"]) + f" | {'; '.join(s['devices'])} |")
     return "\n".join(lines)
 
 

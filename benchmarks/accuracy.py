@@ -81,7 +81,8 @@ def summarize(rows: List[Dict]) -> List[Dict]:
         models.setdefault(r["model"], []).append(r)
     out = []
     for model, runs in models.items():
-        line = {"model": model, "seeds": sorted(r["seed"] for r in runs), "n": len(runs),
+        runs = sorted(runs, key=lambda r: r["seed"])
+        line = {"model": model, "seeds": [r["seed"] for r in runs], "n": len(runs),
                 "epochs": [r["epochs"] for r in runs], "best": [r["best_epoch"] for r in runs],
                 "minutes": [r.get("train_seconds", 0) / 60 for r in runs],
                 "devices": sorted({r["device"].split(" (")[0] for r in runs})}

@@ -5,6 +5,7 @@ cache); on CPU they are wall time of a synchronous call. Every figure names its 
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import platform
@@ -190,3 +191,20 @@ def write_table(op: str, rows: Sequence[Dict], columns: Sequence[str], device: t
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": list(rows)}, indent=2) + "\n")
     return stem.with_suffix(".md")
+
+
+def op_parser(description: str, shapes_help: str, quick_help: str = "small shapes only (< 1 min)",
+              dtype: Optional[Tuple[str, str]] = None) -> argparse.ArgumentParser:
+    """The flags every op benchmark shares: --quick, --out, --shapes and, given (default, what it
+    sets), --dtype."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if dtype is not None:
+        default, what = dtype
+        parser.add_argument("--dtype", default=default, help=f"dtype of {what}",
+                            choices=[default] + [d for d in ("float32", "bfloat16", "float16")
+                                                 if d != default])
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for the .md and .json tables (default {RESULTS})")
+    parser.add_argument("--shapes", default=None, help=shapes_help)
+    return parser

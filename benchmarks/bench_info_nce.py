@@ -16,7 +16,6 @@ which is a correctness tool, not a timing one.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -166,14 +165,9 @@ def run(quick: bool = False, out_dir: Optional[Path] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes only (< 1 min)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of z1, z2 and protos")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"folder for the .md and .json tables (default {_harness.RESULTS})")
-    parser.add_argument("--shapes", default=None,
-                        help="comma-separated BxKxd shapes instead of the default list")
+    parser = _harness.op_parser(__doc__.split("\n\n")[0],
+                                "comma-separated BxKxd shapes instead of the default list",
+                                dtype=("float32", "z1, z2 and protos"))
     args = parser.parse_args(argv)
     shapes = _harness.parse_shapes(args.shapes) if args.shapes else None
     run(args.quick, args.out, getattr(torch, args.dtype), shapes)

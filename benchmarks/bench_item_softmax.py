@@ -30,7 +30,6 @@ is a correctness tool, not a timing one.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -309,14 +308,9 @@ def run(quick: bool = False, out_dir: Optional[Path] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes only (< 1 min)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="dtype of hidden and items")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"folder for the .md and .json tables (default {_harness.RESULTS})")
-    parser.add_argument("--shapes", default=None,
-                        help="comma-separated NxVxd shapes instead of the default list")
+    parser = _harness.op_parser(__doc__.split("\n\n")[0],
+                                "comma-separated NxVxd shapes instead of the default list",
+                                dtype=("bfloat16", "hidden and items"))
     parser.add_argument("--providers", default=None,
                         help="comma-separated loss providers to keep (ours, eager, compiled, "
                              "liger, cce, cce_exact)")

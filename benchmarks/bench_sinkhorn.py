@@ -15,7 +15,6 @@ Peak bandwidths used: H100 3.35e12 B/s (the SXM part's figure, used for every H1
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -23,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import s4rec_kernels
-from benchmarks._harness import (check_agree, compiled, device_label, parse_shapes, peak_extra_mb,
-                                 time_ms, write_table)
+from benchmarks._harness import (check_agree, compiled, device_label, op_parser, parse_shapes,
+                                 peak_extra_mb, time_ms, write_table)
 from s4rec_kernels import _dispatch, reference
 
 OP = "sinkhorn"
@@ -161,13 +160,9 @@ def run(quick: bool, out_dir=None, shapes: Optional[List[Tuple[int, int]]] = Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="skip the largest shape (on CPU only the small one runs anyway)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the table (default benchmarks/results)")
-    parser.add_argument("--shapes", default=None,
-                        help="comma-separated BxK shapes instead of the default list")
+    parser = op_parser(
+        __doc__.splitlines()[0], "comma-separated BxK shapes instead of the default list",
+        quick_help="skip the largest shape (on CPU only the small one runs anyway)")
     args = parser.parse_args()
     run(args.quick, args.out, parse_shapes(args.shapes) if args.shapes else None)
 

@@ -45,6 +45,14 @@ needs_kernels = pytest.mark.skipif(not KERNEL_CASES,
 KERNEL_DEVICES = sorted({d for d, _ in KERNEL_CASES})
 
 
+def set_programs(monkeypatch, device, programs):
+    """How many programs the launchers aim for: per SM on CUDA, in all under the interpreter."""
+    if device == "cpu":
+        monkeypatch.setattr(item_softmax, "INTERPRET_TARGET_PROGRAMS", programs)
+    else:
+        monkeypatch.setattr(item_softmax, "PROGRAMS_PER_SM", programs)
+
+
 def randn(*shape, seed, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -382,10 +390,7 @@ def test_ce_compiled_matches_eager(device, backend, reduction):
 @pytest.mark.parametrize("programs", [1, 64])
 def test_ce_kernels_on_every_split_path(device, programs, monkeypatch):
     # one item range per row block (no partials), and many ranges (partials summed after)
-    if device == "cpu":
-        monkeypatch.setattr(item_softmax, "INTERPRET_TARGET_PROGRAMS", programs)
-    else:
-        monkeypatch.setattr(item_softmax, "PROGRAMS_PER_SM", programs)
+    set_programs(monkeypatch, device, programs)
     hidden, items = randn(45, 20, seed=36, device=device), randn(333, 20, seed=37, device=device)
     targets = random_targets(45, 333, seed=38, device=device, ignore_every=4)
     upstream = upstream_for("none", 45, seed=39, device=device)
@@ -644,10 +649,7 @@ def test_rank_chunking_gives_identical_results(device, backend, chunk, monkeypat
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("programs", [1, 64])
 def test_rank_kernel_on_every_split_path(device, programs, monkeypatch):
-    if device == "cpu":
-        monkeypatch.setattr(item_softmax, "INTERPRET_TARGET_PROGRAMS", programs)
-    else:
-        monkeypatch.setattr(item_softmax, "PROGRAMS_PER_SM", programs)
+    set_programs(monkeypatch, device, programs)
     hidden, items = randint_matrix(35, 6, seed=20), randint_matrix(500, 6, seed=21)
     targets = random_targets(35, 500, seed=22)
     indptr, indices = random_csr(35, 500, seed=23, targets=targets, max_len=40)
@@ -804,10 +806,7 @@ def test_topk_chunking_gives_identical_results(device, backend, chunk, monkeypat
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("programs", [1, 64])
 def test_topk_kernel_on_every_split_path(device, programs, monkeypatch):
-    if device == "cpu":
-        monkeypatch.setattr(item_softmax, "INTERPRET_TARGET_PROGRAMS", programs)
-    else:
-        monkeypatch.setattr(item_softmax, "PROGRAMS_PER_SM", programs)
+    set_programs(monkeypatch, device, programs)
     hidden, items = randn(40, 6, seed=32), randn(500, 6, seed=33)
     indptr, indices = random_csr(40, 500, seed=34, max_len=30)
     scores, index = s4rec_kernels.item_topk(hidden.to(device), items.to(device), 17,

@@ -7,7 +7,7 @@
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
 # is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1").
-# On a 2-core CPU a Beauty run takes 20-40 minutes, an ML-1M run about an hour.
+# On a 2-core CPU a Beauty run takes 20-40 minutes, an ML-1M run one to two hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -50,8 +50,9 @@ for group in $GROUPS_WANTED; do
                 run beauty-k$k-s1 "K=$k" $B --preset beauty --n-clusters $k --seed 1
             done ;;
         ml-1m)
-            run ml1m-s4rec-s1 "S4Rec" --data "$DATA/ml-1m.txt" --preset ml-1m --seed 1
-            run ml1m-sr-s1 "SR-only" --data "$DATA/ml-1m.txt" --preset ml-1m --ablation sr-only --seed 1 ;;
+            M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
+            run ml1m-s4rec-s1 "S4Rec" $M --preset ml-1m --seed 1
+            run ml1m-sr-s1 "SR-only" $M --preset ml-1m --ablation sr-only --seed 1 ;;
         *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m)" >&2; exit 2 ;;
     esac
 done

@@ -2,7 +2,8 @@
 # Every run behind the README's accuracy tables, one after another, each stored with
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
-#   bash benchmarks/accuracy_runs.sh [GROUP ...]     groups: beauty ablations seeds ksweep ml-1m
+#   bash benchmarks/accuracy_runs.sh [GROUP ...]
+#   groups: beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
@@ -53,7 +54,16 @@ for group in $GROUPS_WANTED; do
             M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
             run ml1m-s4rec-s1 "S4Rec" $M --preset ml-1m --seed 1
             run ml1m-sr-s1 "SR-only" $M --preset ml-1m --ablation sr-only --seed 1 ;;
-        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m)" >&2; exit 2 ;;
+        bce-sr | bce-s4rec)  # the paper's conditions: SASRec's BCE loss, the paper's weights
+            BCE="--data $DATA/Beauty.txt --sr-loss bce --epochs 300 --eval-every 2"
+            for seed in ${SEEDS:-1 2 3}; do
+                if [[ $group == bce-sr ]]; then
+                    run beauty-bce-sr-s$seed "SR-only (bce)" $BCE --preset paper --ablation sr-only --seed $seed
+                else
+                    run beauty-bce-s4rec-s$seed "S4Rec (bce)" $BCE --preset paper --seed $seed
+                fi
+            done ;;
+        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

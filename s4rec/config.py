@@ -29,6 +29,9 @@ class Config:
     layers: int = 2  # transformer blocks
     dropout: float = 0.5  # dropout on embeddings, attention and feed-forward outputs
     # objective: L_SR + alpha L_clust + beta1 L_SCL + beta2 L_CKD + lam L_adv (0 removes a term)
+    sr_loss: str = "ce"  # L_SR: "ce" (softmax over all items), "bce" (SASRec), "sampled" (softmax)
+    n_negatives: int = 256  # --sr-loss sampled: negatives shared by every position of a batch
+    negative_sampler: str = "uniform"  # --sr-loss sampled: "uniform" or "popularity" (log-Q corrected)
     alpha: float = 0.01  # weight of the clustering loss L_clust
     beta1: float = 0.1  # weight of the sequence-level contrast L_SCL
     beta2: float = 0.1  # weight of the cluster-aware self-distillation L_CKD
@@ -167,6 +170,10 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
             extra["choices"] = tuple(PRESETS)
         if f.name == "ablation":
             extra["choices"] = tuple(ABLATIONS)
+        if f.name == "sr_loss":
+            extra["choices"] = ("ce", "bce", "sampled")
+        if f.name == "negative_sampler":
+            extra["choices"] = ("uniform", "popularity")
         if f.name == "kernels":
             extra["choices"] = ("auto", "reference", "triton")
         metavar = {"data": "PATH", "run_dir": "DIR", "resume": "DIR", "seeds": "LIST"}.get(
@@ -202,7 +209,7 @@ def parse_seeds(text: str) -> list:
 def check_config(cfg: Config) -> None:
     """Reject settings that cannot work, naming the flag."""
     positive = ["max_len", "hidden", "heads", "layers", "n_clusters", "batch_size", "eval_batch_size",
-                "eval_every", "tau1", "tau2", "tau3", "eps"]
+                "eval_every", "n_negatives", "tau1", "tau2", "tau3", "eps"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

@@ -5,6 +5,7 @@ computed at all, so the ablations are settings, not code paths.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -28,6 +29,7 @@ class Batch:
     view1: Optional[Packed]  # None when no term needs views
     view2: Optional[Packed]
     head: Tensor  # (B,) int64, 1 = head user
+    shared: Optional[Tuple[Tensor, Tensor]] = None  # --sr-loss sampled: ids (M,), log Q (V + 1,)
 
 
 def weights(cfg: Config) -> Dict[str, float]:
@@ -38,11 +40,35 @@ def needs_views(cfg: Config) -> bool:
     return cfg.beta1 > 0 or cfg.beta2 > 0
 
 
-def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor]) -> Tensor:
-    """Full-item softmax over every non-padded position (eq. 1); padding is never scored."""
+def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor], kind: str = "ce",
+            negatives: Optional[List[Tensor]] = None,
+            shared: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """L_SR over every non-padded position; padding is never scored.
+
+    "ce": softmax over every item (eq. 1). "bce": SASRec's binary cross-entropy on the target and
+    one negative per position (`negatives`, aligned with `targets`). "sampled": softmax over the
+    target and M negatives shared by the batch (`shared` = item ids (M,) and log Q of every item id
+    (V + 1,), Q the probability that one draw gives the item), every logit corrected
+    by -log(M Q), and a negative equal to the target left out."""
     h = torch.cat([hb[tb > 0] for hb, tb in zip(hidden, targets)])  # (N, d)
     t = torch.cat([tb[tb > 0] for tb in targets]) - 1  # item id -> row of the item table
-    return item_softmax_ce(h, item_table, t)
+    if kind == "ce":
+        return item_softmax_ce(h, item_table, t)
+    pos = (h * item_table[t]).sum(1)  # (N,)
+    if kind == "bce":
+        n = torch.cat([nb[tb > 0] for nb, tb in zip(negatives, targets)]) - 1
+        neg = (h * item_table[n]).sum(1)  # (N,)
+        valid = (n >= 0).to(neg.dtype)  # 0 = the user has seen every item: no negative
+        return (F.softplus(-pos) + valid * F.softplus(neg)).mean()
+    if kind == "sampled":
+        ids, log_q = shared  # (M,) item ids, (V + 1,) log Q of every item id
+        log_m = math.log(len(ids))  # log(M Q) is the log of each item's expected count in M draws
+        neg = h @ item_table[ids - 1].T - (log_q[ids] + log_m)  # (N, M)
+        neg = neg.masked_fill(ids[None, :] - 1 == t[:, None], float("-inf"))
+        pos = pos - (log_q[t + 1] + log_m)
+        logits = torch.cat([pos[:, None], neg], dim=1)  # (N, 1 + M)
+        return (torch.logsumexp(logits, dim=1) - pos).mean()
+    raise ValueError(f"sr_loss: kind must be 'ce', 'bce' or 'sampled', got {kind!r}")
 
 
 def cluster_scores(z: Tensor, prototypes: Tensor, eps: float, n_iters: int) -> Tuple[Tensor, Tensor]:
@@ -84,7 +110,8 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, T
     """Every active term of the objective, unweighted, and the users' assigned clusters h(u)."""
     w = weights(cfg)
     z, hidden = model.encoder.encode(batch.original)  # (B, d)
-    terms = {"sr": sr_loss(model.encoder.item_table(), hidden, batch.original.targets)}
+    terms = {"sr": sr_loss(model.encoder.item_table(), hidden, batch.original.targets, cfg.sr_loss,
+                           batch.original.negatives, batch.shared)}
     assign = None
     if w["clust"] > 0 or needs_views(cfg):
         scores, q = cluster_scores(z, model.prototypes, cfg.eps, cfg.sinkhorn_iters)

@@ -32,6 +32,16 @@ def protocol(exclude_history: str, loss: str = "full softmax over all items") ->
     }
 
 
+def sr_loss_name(cfg) -> str:
+    """The training loss in words, for the protocol block."""
+    if cfg.sr_loss == "bce":
+        return "binary cross-entropy, one negative per position outside the user's training items"
+    if cfg.sr_loss == "sampled":
+        return (f"sampled softmax over {cfg.n_negatives} shared {cfg.negative_sampler} negatives, "
+                "log-Q corrected")
+    return "full softmax over all items"
+
+
 def rank_metrics(ranks: np.ndarray, ks=KS) -> Dict[str, float]:
     """hit@k = [rank < k], ndcg@k = 1 / log2(rank + 2) if rank < k, averaged over users."""
     ranks = np.asarray(ranks, dtype=np.float64)

@@ -23,6 +23,7 @@ class Packed:
 
     groups: List[Tuple[Tensor, Tensor]]  # (rows (b,), seqs (b, l)) per bucket; rows index the batch
     targets: Optional[List[Tensor]]  # per bucket (b, l) next-item ids (0 = no target), or None
+    negatives: Optional[List[Tensor]]  # per bucket (b, l) one negative item id per target, or None
     size: int  # sequences in the batch
     n_real: int  # item positions that are not padding
     n_encoded: int  # positions the encoder runs over
@@ -33,14 +34,18 @@ class Packed:
 
 
 def pack(seqs: Sequence[np.ndarray], max_len: int, max_pad: float, device,
-         targets: Optional[Sequence[np.ndarray]] = None) -> Packed:
+         targets: Optional[Sequence[np.ndarray]] = None,
+         negatives: Optional[Sequence[np.ndarray]] = None) -> Packed:
     """Cut each sequence to its last max_len items and group them by length.
 
-    `targets`, when given, are aligned with `seqs` position by position and padded the same way.
+    `targets` and `negatives`, when given, are aligned with `seqs` position by position and padded
+    the same way.
     An empty sequence becomes a single padding position (it is encoded, but has no target).
     """
     lengths = np.array([min(len(s), max_len) for s in seqs], dtype=np.int64)
-    groups, tgt_groups = [], [] if targets is not None else None
+    groups = []
+    tgt_groups = [] if targets is not None else None
+    neg_groups = [] if negatives is not None else None
     n_encoded = 0
     for rows in bucketize(lengths, max_pad):
         width = max(int(lengths[rows].max()), 1)
@@ -51,7 +56,10 @@ def pack(seqs: Sequence[np.ndarray], max_len: int, max_pad: float, device,
         if targets is not None:
             tgt_groups.append(torch.as_tensor(pad_left([targets[r] for r in rows], width),
                                               device=device))
-    return Packed(groups, tgt_groups, len(seqs), int(lengths.sum()), n_encoded)
+        if negatives is not None:
+            neg_groups.append(torch.as_tensor(pad_left([negatives[r] for r in rows], width),
+                                              device=device))
+    return Packed(groups, tgt_groups, neg_groups, len(seqs), int(lengths.sum()), n_encoded)
 
 
 class Block(nn.Module):

@@ -27,10 +27,10 @@ from .augment import Augmenter
 from .checkpoint import Interrupted, StopFlag
 from .config import (Config, ConfigError, apply_named, check_config, explicit_flags, parse_config,
                      parse_seeds, to_dict)
-from .data import (DataError, SequenceData, head_users, load_dataset, save_mapping, synthetic,
-                   train_sequences)
-from .losses import Batch, compute_losses, needs_views, total_loss
-from .metrics import cluster_report, evaluate, format_table, protocol
+from .batches import make_batch, training_pool, window  # noqa: F401 (window: part of the API)
+from .data import DataError, SequenceData, head_users, load_dataset, save_mapping, synthetic
+from .losses import compute_losses, total_loss
+from .metrics import cluster_report, evaluate, format_table, protocol, sr_loss_name
 from .model import S4Rec, pack
 from .runlog import default_run_dir, epoch_line, log_tensorboard, tensorboard_writer, write_log
 
@@ -61,38 +61,6 @@ def load_data(cfg: Config) -> SequenceData:
     if data.n_skipped:
         print(f"skipped {data.n_skipped} users with fewer than 3 items (they cannot be split)")
     return data
-
-
-def training_pool(data: SequenceData) -> np.ndarray:
-    """Every training interaction (the last two items of each user held out): draws by popularity."""
-    keep = np.ones(len(data.items), dtype=bool)
-    keep[data.offsets[1:] - 1] = False
-    keep[data.offsets[1:] - 2] = False
-    return data.items[keep]
-
-
-def window(seq: np.ndarray, size: int, how: str, rng: np.random.Generator) -> np.ndarray:
-    """The part of a training sequence one step learns from: its last `size` items, or ("random")
-    the `size` items ending at a uniformly drawn point, so long histories are seen in full."""
-    if how == "last" or len(seq) <= size:
-        return seq[-size:]
-    end = int(rng.integers(size, len(seq) + 1))
-    return seq[end - size:end]
-
-
-def make_batch(data: SequenceData, users: np.ndarray, head: np.ndarray, cfg: Config,
-               augmenter: Augmenter, rng: np.random.Generator, device) -> Batch:
-    """Next-item pairs S[:-3] -> S[1:-2] for each user, and two augmented views of the inputs."""
-    cut = [window(s, cfg.max_len + 1, cfg.train_window, rng) for s in train_sequences(data, users)]
-    inputs = [s[:-1] for s in cut]
-    targets = [s[1:] for s in cut]
-    original = pack(inputs, cfg.max_len, cfg.max_pad, device, targets)
-    view1 = view2 = None
-    if needs_views(cfg):
-        view1 = pack(augmenter.views(inputs, rng), cfg.max_len, cfg.max_pad, device)
-        view2 = pack(augmenter.views(inputs, rng), cfg.max_len, cfg.max_pad, device)
-    labels = torch.as_tensor(head[users].astype(np.int64), device=device)
-    return Batch(original, view1, view2, labels)
 
 
 def cluster_health(counts: np.ndarray) -> Dict[str, float]:
@@ -267,7 +235,7 @@ def finish(model, data, head, cfg, run_dir, state, device, eval_args) -> Dict:
         "train_seconds": round(sum(h["train_seconds"] + h.get("eval_seconds", 0.0)
                                    for h in state["history"]), 1),
         "eval_seconds": round(eval_seconds, 1), "device": str(device),
-        "protocol": protocol(cfg.exclude_history),
+        "protocol": protocol(cfg.exclude_history, sr_loss_name(cfg)),
         "valid": valid, "test": test, "clusters": clusters, "config": to_dict(cfg),
     }
     checkpoint.save_json(results, run_dir / "metrics.json")

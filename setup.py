@@ -14,7 +14,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "scikit-learn"],
+        "kmeans": ["scikit-learn"],
         "report": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-OPERATORS = ("crop", "mask", "reorder", "insert")
+OPERATORS = ("crop", "mask", "reorder", "insert", "substitute")
+DEFAULT_OPERATORS = ("crop", "mask", "reorder", "insert")
 
 
 def crop(seq: np.ndarray, rng: np.random.Generator, ratio: float = 0.2) -> np.ndarray:
@@ -101,6 +102,38 @@ def insert(
     return out
 
 
+def neighbours(seqs: Sequence[np.ndarray], n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's neighbours in training order, as CSR over item ids: the items right before or
+    after it in some sequence (with repeats, so a frequent neighbour is drawn more often)."""
+    left = np.concatenate([s[:-1] for s in seqs if len(s) > 1] or [np.zeros(0, np.int64)])
+    right = np.concatenate([s[1:] for s in seqs if len(s) > 1] or [np.zeros(0, np.int64)])
+    src, dst = np.concatenate([left, right]), np.concatenate([right, left])
+    order = np.argsort(src, kind="stable")
+    indptr = np.zeros(n_items + 2, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=n_items + 1), out=indptr[1:])
+    return indptr, dst[order].astype(np.int64)
+
+
+def substitute(seq: np.ndarray, rng: np.random.Generator, ratio: float = 0.3, *,
+               graph: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Replace ``max(1, int(ratio * n))`` distinct positions by a neighbour of their item drawn
+    from ``graph`` (:func:`neighbours`): an item that was next to it in training order, the
+    correlated substitute of CoSeRec (Liu et al. 2021). An item without neighbours stays."""
+    seq = np.asarray(seq)
+    n = len(seq)
+    out = seq.copy()
+    if n == 0 or ratio <= 0:
+        return out
+    indptr, indices = graph
+    pos = rng.choice(n, size=min(n, max(1, int(ratio * n))), replace=False)
+    items = seq[pos]
+    lo, count = indptr[items], indptr[items + 1] - indptr[items]
+    has = count > 0
+    pick = lo[has] + (rng.random(int(has.sum())) * count[has]).astype(np.int64)
+    out[pos[has]] = indices[pick]
+    return out
+
+
 @dataclass
 class Augmenter:
     """Makes one augmented view per sequence, each with an operator drawn uniformly at random."""
@@ -111,23 +144,31 @@ class Augmenter:
     mask_ratio: float = 0.7  # share of the positions mask replaces (gamma)
     reorder_ratio: float = 0.2  # share of the sequence reorder shuffles
     insert_ratio: float = 0.3  # items insert adds, as a share of the length
-    operators: Sequence[str] = OPERATORS  # the operators to draw from
+    operators: Sequence[str] = DEFAULT_OPERATORS  # the operators to draw from
+    substitute_ratio: float = 0.3  # share of the positions substitute replaces
+    graph: Optional[tuple] = None  # neighbours(training sequences), needed by substitute
+    short_len: int = 0  # > 0: sequences up to this length draw from short_ops, longer from operators
+    short_ops: Sequence[str] = ("insert", "substitute")  # operators for short sequences
 
     def __post_init__(self) -> None:
-        self.operators = tuple(self.operators)
-        if not self.operators:
-            raise ValueError("operators must name at least one of " + ", ".join(OPERATORS))
-        unknown = [op for op in self.operators if op not in OPERATORS]
-        if unknown:
-            raise ValueError(f"unknown operator(s) {unknown}; expected some of {list(OPERATORS)}")
-        for name in ("crop_ratio", "mask_ratio", "reorder_ratio", "insert_ratio"):
+        self.operators, self.short_ops = tuple(self.operators), tuple(self.short_ops)
+        used = self.operators + (self.short_ops if self.short_len > 0 else ())
+        for name, ops in (("operators", self.operators), ("short_ops", self.short_ops)):
+            if not ops:
+                raise ValueError(f"{name} must name at least one of " + ", ".join(OPERATORS))
+            unknown = [op for op in ops if op not in OPERATORS]
+            if unknown:
+                raise ValueError(f"unknown operator(s) {unknown}; expected some of {list(OPERATORS)}")
+        for name in ("crop_ratio", "mask_ratio", "reorder_ratio", "insert_ratio", "substitute_ratio"):
             r = getattr(self, name)
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {r}")
-        if "insert" in self.operators:
+        if "insert" in used:
             if self.pool is None or len(self.pool) == 0:
                 raise ValueError("insert needs a non-empty pool of training interactions")
             self.pool = np.asarray(self.pool)
+        if "substitute" in used and self.graph is None:
+            raise ValueError("substitute needs the item graph (augment.neighbours)")
 
     def apply(self, op: str, seq: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One named operator on one sequence."""
@@ -139,6 +180,8 @@ class Augmenter:
             return reorder(seq, rng, self.reorder_ratio)
         if op == "insert":
             return insert(seq, rng, self.insert_ratio, pool=self.pool)
+        if op == "substitute":
+            return substitute(seq, rng, self.substitute_ratio, graph=self.graph)
         raise ValueError(f"unknown operator {op!r}; expected one of {list(OPERATORS)}")
 
     def choose(self, n: int, rng: np.random.Generator) -> list[str]:
@@ -146,6 +189,11 @@ class Augmenter:
         return [self.operators[i] for i in rng.integers(0, len(self.operators), size=n).tolist()]
 
     def views(self, seqs: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-        """One augmented copy of every sequence, each with its own uniformly drawn operator."""
+        """One augmented copy of every sequence, each with its own uniformly drawn operator (from
+        short_ops for a sequence of at most short_len items when short_len > 0)."""
         ops = self.choose(len(seqs), rng)
+        if self.short_len > 0:
+            short = rng.integers(0, len(self.short_ops), size=len(seqs)).tolist()
+            ops = [self.short_ops[j] if len(s) <= self.short_len else op
+                   for op, j, s in zip(ops, short, seqs)]
         return [self.apply(op, s, rng) for op, s in zip(ops, seqs)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .augment import Augmenter
+from .augment import Augmenter, neighbours
 from .config import Config
 from .data import SequenceData, train_sequences
 from .losses import Batch, needs_views
@@ -18,6 +18,24 @@ def training_pool(data: SequenceData) -> np.ndarray:
     keep[data.offsets[1:] - 1] = False
     keep[data.offsets[1:] - 2] = False
     return data.items[keep]
+
+
+def make_augmenter(cfg: Config, data: SequenceData, mask_id: int) -> Augmenter:
+    """The views' augmenter: any operator for any sequence (--augment all), or by length
+    (--augment length: --short-ops up to --short-len items, --long-ops above)."""
+    ops = {"operators": ("crop", "mask", "reorder", "insert")}
+    if cfg.augment == "length":
+        split_ops = lambda text: tuple(op.strip() for op in text.split(",") if op.strip())  # noqa: E731
+        ops = {"operators": split_ops(cfg.long_ops), "short_ops": split_ops(cfg.short_ops),
+               "short_len": cfg.short_len}
+    used = ops["operators"] + ops.get("short_ops", ())
+    graph = None
+    if "substitute" in used:
+        graph = neighbours(train_sequences(data, np.arange(len(data))), data.n_items)
+    return Augmenter(mask_id=mask_id, pool=training_pool(data), crop_ratio=cfg.crop_ratio,
+                     mask_ratio=cfg.mask_ratio, reorder_ratio=cfg.reorder_ratio,
+                     insert_ratio=cfg.insert_ratio, substitute_ratio=cfg.substitute_ratio,
+                     graph=graph, **ops)
 
 
 def window(seq: np.ndarray, size: int, how: str, rng: np.random.Generator) -> np.ndarray:

@@ -10,6 +10,9 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 
+AUGMENT_OPS = ("crop", "mask", "reorder", "insert", "substitute")
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag."""
 
@@ -22,7 +25,7 @@ class Config:
     max_len: int = 50  # sequences are cut to their last max_len items
     head_frac: float = 0.2  # share of users (longest training sequences) that are "head"
     preset: Optional[str] = None  # a named setting tuned on validation: "paper", "beauty" or "ml-1m"; flags given beside it win
-    ablation: str = "none"  # "sr-only", "no-csd" (no clustering, contrast, distillation) or "no-gr" (no adversary)
+    ablation: str = "none"  # paper Table 3: "sr-only", "sr-csd", "no-csd", "no-gr"; "no-ssl" (no clustering either)
     # encoder (SASRec)
     hidden: int = 64  # embedding size d
     heads: int = 2  # attention heads
@@ -43,6 +46,9 @@ class Config:
     eps: float = 0.05  # Sinkhorn entropy regulariser
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp rounds
     normalize: bool = True  # L2-normalise z (and prototypes) in the contrast, distillation, adversary
+    proj_head: str = "none"  # map z -> clustering/contrast/distillation space: "none", "linear", "mlp"
+    prototypes: str = "online"  # "online" (trained, Sinkhorn targets) or "kmeans" (K-means each epoch)
+    grad_share: bool = True  # log each term's share of the encoder's gradient (first step of an epoch)
     proto_renorm: bool = True  # renormalise prototypes to unit length after every step
     freeze_protos_steps: int = 0  # keep prototypes fixed for this many first steps
     # augmentations (one operator drawn per view)
@@ -50,6 +56,11 @@ class Config:
     mask_ratio: float = 0.7  # share of items a mask replaces
     reorder_ratio: float = 0.2  # share of the sequence a reorder shuffles
     insert_ratio: float = 0.3  # items inserted, as a share of the sequence length
+    substitute_ratio: float = 0.3  # items a substitute replaces by a neighbour in training order
+    augment: str = "all"  # "all": any operator for any view; "length": by the sequence's length
+    short_len: int = 4  # --augment length: sequences up to this length use --short-ops
+    short_ops: str = "insert,substitute"  # --augment length: operators for short sequences
+    long_ops: str = "crop,mask,reorder"  # --augment length: operators for longer sequences
     # optimisation
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
@@ -97,7 +108,9 @@ PRESETS: dict = {
 ABLATIONS: dict = {
     "none": (),
     "sr-only": ("alpha", "beta1", "beta2", "lam"),
-    "no-csd": ("alpha", "beta1", "beta2"),
+    "sr-csd": ("alpha", "lam"),  # SR + contrast + distillation, prototypes trained by the contrast
+    "no-csd": ("beta1", "beta2"),  # keeps the clustering and the adversary
+    "no-ssl": ("alpha", "beta1", "beta2"),  # SR + adversary
     "no-gr": ("lam",),
 }
 
@@ -174,6 +187,12 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
             extra["choices"] = ("ce", "bce", "sampled")
         if f.name == "negative_sampler":
             extra["choices"] = ("uniform", "popularity")
+        if f.name == "proj_head":
+            extra["choices"] = ("none", "linear", "mlp")
+        if f.name == "prototypes":
+            extra["choices"] = ("online", "kmeans")
+        if f.name == "augment":
+            extra["choices"] = ("all", "length")
         if f.name == "kernels":
             extra["choices"] = ("auto", "reference", "triton")
         metavar = {"data": "PATH", "run_dir": "DIR", "resume": "DIR", "seeds": "LIST"}.get(
@@ -214,14 +233,23 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     nonneg = ["alpha", "beta1", "beta2", "lam", "sinkhorn_iters", "lr", "weight_decay", "patience",
-              "freeze_protos_steps"]
+              "freeze_protos_steps", "short_len"]
     for name in nonneg:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ["dropout", "head_frac", "crop_ratio", "mask_ratio", "reorder_ratio", "insert_ratio",
-                 "max_pad"]:
+                 "substitute_ratio", "max_pad"]:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.prototypes == "kmeans" and cfg.alpha > 0:
+        raise ConfigError(f"--prototypes kmeans replaces the online clustering, so L_clust has no "
+                          f"prototypes to train: give --alpha 0 (got {cfg.alpha})")
+    for name in ("short_ops", "long_ops"):
+        ops = [op.strip() for op in getattr(cfg, name).split(",") if op.strip()]
+        unknown = [op for op in ops if op not in AUGMENT_OPS]
+        if not ops or unknown:
+            raise ConfigError(f"--{name.replace('_', '-')} must list operators from "
+                              f"{', '.join(AUGMENT_OPS)}, got {getattr(cfg, name)!r}")
     if cfg.hidden % cfg.heads:
         raise ConfigError(f"--hidden ({cfg.hidden}) must be divisible by --heads ({cfg.heads})")
     if cfg.seeds is not None:

@@ -107,20 +107,29 @@ def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau
 
 
 def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
-    """Every active term of the objective, unweighted, and the users' assigned clusters h(u)."""
+    """Every active term of the objective, unweighted, and the users' assigned clusters h(u).
+
+    The clustering, contrast and distillation terms see z through the projection head (identity
+    with --proj-head none); the adversary sees z itself. With --prototypes kmeans the prototypes
+    are fixed K-means centroids and h(u) is the nearest one."""
     w = weights(cfg)
     z, hidden = model.encoder.encode(batch.original)  # (B, d)
     terms = {"sr": sr_loss(model.encoder.item_table(), hidden, batch.original.targets, cfg.sr_loss,
                            batch.original.negatives, batch.shared)}
     assign = None
     if w["clust"] > 0 or needs_views(cfg):
-        scores, q = cluster_scores(z, model.prototypes, cfg.eps, cfg.sinkhorn_iters)
-        assign = q.argmax(1)  # (B,)
-        if w["clust"] > 0:
-            terms["clust"] = cluster_loss(scores, q.to(scores.dtype), cfg.tau1)
+        zp = model.project(z)
+        if cfg.prototypes == "kmeans":
+            with torch.no_grad():
+                assign = (F.normalize(zp, dim=1) @ F.normalize(model.prototypes, dim=1).T).argmax(1)
+        else:
+            scores, q = cluster_scores(zp, model.prototypes, cfg.eps, cfg.sinkhorn_iters)
+            assign = q.argmax(1)  # (B,)
+            if w["clust"] > 0:
+                terms["clust"] = cluster_loss(scores, q.to(scores.dtype), cfg.tau1)
     if needs_views(cfg):
-        z1, _ = model.encoder.encode(batch.view1)
-        z2, _ = model.encoder.encode(batch.view2)
+        z1 = model.project(model.encoder.encode(batch.view1)[0])
+        z2 = model.project(model.encoder.encode(batch.view2)[0])
         if w["scl"] > 0:
             terms["scl"] = contrast_loss(z1, z2, model.prototypes, assign, cfg.tau2, cfg.normalize)
         if w["ckd"] > 0:
@@ -129,6 +138,19 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, T
         z_adv = F.normalize(z, dim=1) if cfg.normalize else z
         terms["adv"] = F.cross_entropy(model.head_logits(z_adv), batch.head)
     return terms, assign
+
+
+def gradient_shares(terms: Dict[str, Tensor], cfg: Config, params: List[Tensor]) -> Dict[str, float]:
+    """Each weighted term's share of the encoder's gradient: |grad w_t L_t| / sum_t |grad w_t L_t|
+    over `params` (Euclidean norms), so a term that is on but moves nothing shows a share near 0.
+    Leaves the graph in place for the step's own backward."""
+    w = weights(cfg)
+    norms = {}
+    for name, value in terms.items():
+        grads = torch.autograd.grad(w[name] * value, params, retain_graph=True, allow_unused=True)
+        norms[name] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+    total = sum(norms.values()) or 1.0
+    return {name: n / total for name, n in norms.items()}
 
 
 def total_loss(terms: Dict[str, Tensor], cfg: Config) -> Tensor:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s4rec_kernels import item_rank, sinkhorn
+from s4rec_kernels import item_rank
 
 from .data import SequenceData, history_csr, split_input, split_target
 from .model import S4Rec, pack
@@ -97,28 +97,39 @@ def compute_ranks(model: S4Rec, data: SequenceData, split: str, batch_size: int,
     return ranks
 
 
+def prototypes_trained(cfg) -> bool:
+    """Whether a run's prototypes learnt anything: from L_clust, from the contrast (they are its
+    negatives), or from K-means. Otherwise they are the random initialisation."""
+    return cfg.alpha > 0 or cfg.beta1 > 0 or getattr(cfg, "prototypes", "online") == "kmeans"
+
+
 @torch.no_grad()
 def cluster_report(model: S4Rec, data: SequenceData, head: np.ndarray, batch_size: int,
-                   eps: float, n_iters: int, max_pad: float = 1 / 3) -> Dict:
-    """Each user's cluster (argmax of the Sinkhorn target over all users' training sequences) and,
-    per cluster, its size and share of head users (the paper's Fig. 3)."""
+                   max_pad: float = 1 / 3, trained: bool = True) -> Dict:
+    """Each user's cluster (the prototype of highest cosine score with the user's projected
+    training-sequence vector) and, per cluster, its size and share of head users (the paper's
+    Fig. 3). Not the Sinkhorn target, which forces equal sizes. Empty for untrained prototypes."""
+    k = model.prototypes.shape[0]
+    if not trained:
+        return {"k": k, "assignment": "none: the prototypes were never trained", "size": [],
+                "head_rate": [], "head_rate_quartiles": None, "head_share": float(head.mean()),
+                "empty_clusters": None}
     was_training = model.training
     model.eval()
     try:
-        z = torch.cat([z for _, z in encode_users(model, data, np.arange(len(data)), "valid",
-                                                  batch_size, max_pad)])
+        z = torch.cat([model.project(z) for _, z in encode_users(
+            model, data, np.arange(len(data)), "valid", batch_size, max_pad)])
     finally:
         model.train(was_training)
     scores = F.normalize(z, dim=1) @ F.normalize(model.prototypes, dim=1).T  # (U, K)
-    assign = sinkhorn(scores, eps, n_iters).argmax(1).cpu().numpy()
-    k = model.prototypes.shape[0]
+    assign = scores.argmax(1).cpu().numpy()
     size = np.bincount(assign, minlength=k)
     heads = np.bincount(assign, weights=head.astype(np.float64), minlength=k)
     rate = [float(h / n) if n else None for h, n in zip(heads, size)]
     used = np.array([r for r in rate if r is not None])
     return {
         "k": k,
-        "assignment": "argmax of the Sinkhorn target over every user's training sequence",
+        "assignment": "argmax over prototypes of the cosine score of every user's training sequence",
         "size": size.tolist(),
         "head_rate": rate,
         "head_rate_quartiles": np.percentile(used, [25, 50, 75]).tolist() if len(used) else None,

@@ -138,15 +138,40 @@ class GradReverse(torch.autograd.Function):
         return -grad
 
 
+PROJ_HEADS = ("none", "linear", "mlp")
+
+
+def projection_head(kind: str, d: int) -> nn.Module:
+    """The map from z to the space of the self-supervised terms (SimCLR's projection head, Chen et
+    al. 2020): "none" (identity, no parameters), "linear", or "mlp" (Linear, GELU, Linear)."""
+    if kind == "none":
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(d, d)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+    raise ValueError(f"proj_head must be one of {', '.join(PROJ_HEADS)}, got {kind!r}")
+
+
 class S4Rec(nn.Module):
-    """SASRec encoder + K prototypes for online clustering + a head/tail classifier."""
+    """SASRec encoder + K prototypes for online clustering + a head/tail classifier, and an optional
+    projection head between z and the clustering, contrast and distillation terms."""
 
     def __init__(self, n_items: int, hidden: int = 64, heads: int = 2, layers: int = 2,
-                 dropout: float = 0.5, max_len: int = 50, n_clusters: int = 128):
+                 dropout: float = 0.5, max_len: int = 50, n_clusters: int = 128,
+                 proj_head: str = "none"):
         super().__init__()
         self.encoder = SASRec(n_items, hidden, heads, layers, dropout, max_len)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(n_clusters, hidden), dim=1))
         self.adversary = nn.Linear(hidden, 2)
+        self.project = projection_head(proj_head, hidden)
+        self.project.apply(_init_weights)
+
+    @classmethod
+    def from_config(cls, n_items: int, cfg) -> "S4Rec":
+        """The model a Config describes (s4rec.config.Config or anything with its fields)."""
+        return cls(n_items, cfg.hidden, cfg.heads, cfg.layers, cfg.dropout, cfg.max_len,
+                   cfg.n_clusters, getattr(cfg, "proj_head", "none"))
 
     def head_logits(self, z: Tensor) -> Tensor:
         """Head/tail logits (B, 2); the encoder receives the reversed gradient."""

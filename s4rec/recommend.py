@@ -1,6 +1,6 @@
 """Top-k unseen items per user from a trained run:
 
-    python -m s4rec.recommend --run RUN_DIR --data PATH (--users 1,2,3 | --all) [--k 10]
+    python -m s4rec.recommend --run RUN_DIR [--data PATH] (--users 1,2,3 | --all) [--k 10]
                               [--out recs.csv] [--batch-size 1024] [--device auto]
 
 The model is the run's best.pt, built with the run's config.json. Each requested user's whole
@@ -31,7 +31,7 @@ import torch
 from s4rec_kernels import item_topk
 
 from .config import Config
-from .data import MAPPING_FILE, DataError, SequenceData, load_dataset, load_mapping
+from .data import MAPPING_FILE, DataError, SequenceData, load_dataset, load_mapping, synthetic
 from .model import S4Rec, pack
 
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -64,8 +64,7 @@ def load_run(run_dir, device="cpu") -> Tuple[S4Rec, Config]:
     if "encoder.item_emb.weight" not in state:
         raise RecommendError(f"{best}: not an S4Rec state (no encoder.item_emb.weight)")
     n_items = state["encoder.item_emb.weight"].shape[0] - 2  # rows: padding, items, mask token
-    model = S4Rec(n_items, cfg.hidden, cfg.heads, cfg.layers, cfg.dropout, cfg.max_len,
-                  cfg.n_clusters)
+    model = S4Rec.from_config(n_items, cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -94,6 +93,19 @@ def _read_config(run: Path, ckpt: dict) -> Config:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_data(model: S4Rec, cfg: Config, run_dir, path: Optional[str] = None) -> Tuple[SequenceData, str]:
+    """(data, its name): the file at `path`, else the run's own data (config.json's --data, or the
+    embedded synthetic set, which is generated the same way every time). It must have the
+    model's catalogue."""
+    path = path if path is not None else cfg.data
+    data = synthetic() if path is None else load_dataset(path, cfg.n_items)
+    name = data.name if path is None else os.path.basename(path)
+    if data.n_items != model.encoder.n_items:
+        raise RecommendError(f"{name} has {data.n_items} items but the model in {run_dir} "
+                             f"was trained on {model.encoder.n_items}")
+    return data, name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Top-k unseen items per user from a trained run, with the original ids.")
     parser.add_argument("--run", required=True, metavar="RUN_DIR",
                         help="run directory of s4rec.train (best.pt, config.json, mapping.json)")
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="the data file (line format, or .inter) whose users to serve")
+    parser.add_argument("--data", metavar="PATH",
+                        help="the data file (line format, or .inter) whose users to serve "
+                        "(default: the run's own data, the embedded synthetic set included)")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", metavar="IDS",
                      help="comma-separated original user ids or tokens, e.g. 1,2,3")
@@ -251,11 +264,7 @@ def run(args: argparse.Namespace) -> Tuple[List[Tuple[str, int, str, float]], in
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_run(args.run, device)
-    data = load_dataset(args.data, cfg.n_items)
-    data_name = os.path.basename(args.data)
-    if data.n_items != model.encoder.n_items:
-        raise RecommendError(f"{data_name} has {data.n_items} items but the model in {args.run} "
-                             f"was trained on {model.encoder.n_items}")
+    data, data_name = run_data(model, cfg, args.run, args.data)
     user_labels, item_labels, numeric = labels(data, args.run)
     if args.all:
         users = np.arange(len(data), dtype=np.int64)

@@ -23,6 +23,10 @@ def epoch_line(stats: Dict, n_clusters: int) -> str:
     if "cluster_entropy" in stats:
         line += (f" | clusters entropy={stats['cluster_entropy']:.3f}/{math.log(n_clusters):.3f}"
                  f" empty={stats['empty_clusters']}")
+    shares = [t for t in TERMS if f"grad_share_{t}" in stats]
+    if len(shares) > 1:
+        line += (" | grad share " + "/".join(shares) + "="
+                 + "/".join(f"{stats[f'grad_share_{t}']:.2f}" for t in shares))
     line += f" | padding={stats['padding_share']:.1%} {stats['train_seconds']:.1f}s"
     if "valid" in stats:
         v = stats["valid"]

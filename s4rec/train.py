@@ -23,15 +23,16 @@ from tqdm import tqdm
 from s4rec_kernels._dispatch import default_backend, interpreter_enabled
 
 from . import checkpoint
-from .augment import Augmenter
 from .checkpoint import Interrupted, StopFlag
 from .config import (Config, ConfigError, apply_named, check_config, explicit_flags, parse_config,
                      parse_seeds, to_dict)
-from .batches import make_batch, training_pool, window  # noqa: F401 (window: part of the API)
+from .batches import make_augmenter, make_batch, training_pool, window  # noqa: F401
 from .data import DataError, SequenceData, head_users, load_dataset, save_mapping, synthetic
-from .losses import compute_losses, total_loss
-from .metrics import cluster_report, evaluate, format_table, protocol, sr_loss_name
-from .model import S4Rec, pack
+from .losses import compute_losses, gradient_shares, total_loss
+from .metrics import (cluster_report, evaluate, format_table, protocol, prototypes_trained,
+                      sr_loss_name)
+from .model import S4Rec
+from .prototypes import fit_kmeans
 from .runlog import default_run_dir, epoch_line, log_tensorboard, tensorboard_writer, write_log
 
 
@@ -70,18 +71,22 @@ def cluster_health(counts: np.ndarray) -> Dict[str, float]:
     return {"cluster_entropy": float(-(nz * np.log(nz)).sum()), "empty_clusters": int((counts == 0).sum())}
 
 
-def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int, where: str = ""):
+def train_step(model: S4Rec, optimizer, batch, cfg: Config, step: int, where: str = "",
+               shares: Optional[Dict[str, float]] = None):
     """One optimiser step on `batch`: (total loss, unweighted terms, assigned clusters or None).
-    A non-finite loss raises NonFiniteLoss naming the terms, before any parameter changes."""
+    A non-finite loss raises NonFiniteLoss naming the terms, before any parameter changes.
+    `shares`, when given, receives each term's share of the encoder's gradient."""
     terms, assign = compute_losses(model, batch, cfg)
     loss = total_loss(terms, cfg)
     if not torch.isfinite(loss):
         bad = [name for name, value in terms.items() if not torch.isfinite(value)]
         raise NonFiniteLoss(f"loss term {', '.join(bad) or 'total'} became non-finite at {where}"
                             f"step {step}")
+    if shares is not None:
+        shares.update(gradient_shares(terms, cfg, list(model.encoder.parameters())))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if step < cfg.freeze_protos_steps:
+    if step < cfg.freeze_protos_steps or cfg.prototypes == "kmeans":
         model.prototypes.grad = None
     optimizer.step()
     if cfg.proto_renorm:
@@ -99,10 +104,16 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
     counts = np.zeros(cfg.n_clusters, dtype=np.int64)
     real = encoded = 0
     bar = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, file=sys.stdout)
-    for users in bar:
+    shares = {} if cfg.grad_share else None
+    extra = {}
+    if cfg.prototypes == "kmeans" and (cfg.beta1 > 0 or cfg.beta2 > 0):
+        extra["kmeans_inertia"] = fit_kmeans(model, data, trainable, cfg.eval_batch_size,
+                                             cfg.seed * 100003 + epoch, cfg.threads, cfg.max_pad)
+    for i, users in enumerate(bar):
         stop.check()
         batch = make_batch(data, users, head, cfg, augmenter, rng, device)
-        loss, terms, assign = train_step(model, optimizer, batch, cfg, step, f"epoch {epoch}, ")
+        loss, terms, assign = train_step(model, optimizer, batch, cfg, step, f"epoch {epoch}, ",
+                                         shares if i == 0 else None)
         step += 1
         for name, value in [*terms.items(), ("total", loss)]:
             sums[name] = sums.get(name, 0.0) + value.item()
@@ -112,6 +123,7 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
         encoded += batch.original.n_encoded
         bar.set_postfix(loss=f"{loss.item():.4f}")
     stats = {f"loss_{k}": v / len(batches) for k, v in sums.items()}
+    stats.update({f"grad_share_{k}": v for k, v in (shares or {}).items()}, **extra)
     if counts.sum():
         stats.update(cluster_health(counts))
     stats["padding_share"] = 1.0 - real / max(encoded, 1)
@@ -146,12 +158,9 @@ def run_one(cfg: Config) -> Dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)  # recorded in config.json, and named by the resume hint
 
-    model = S4Rec(data.n_items, cfg.hidden, cfg.heads, cfg.layers, cfg.dropout, cfg.max_len,
-                  cfg.n_clusters).to(device)
+    model = S4Rec.from_config(data.n_items, cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    augmenter = Augmenter(crop_ratio=cfg.crop_ratio, mask_ratio=cfg.mask_ratio,
-                          reorder_ratio=cfg.reorder_ratio, insert_ratio=cfg.insert_ratio,
-                          mask_id=model.encoder.mask_id, pool=training_pool(data))
+    augmenter = make_augmenter(cfg, data, model.encoder.mask_id)
     eval_args = dict(batch_size=cfg.eval_batch_size, exclude_history=cfg.exclude_history,
                      max_pad=cfg.max_pad)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
@@ -219,8 +228,8 @@ def finish(model, data, head, cfg, run_dir, state, device, eval_args) -> Dict:
     t0 = time.time()
     valid = evaluate(model, data, "valid", head, **eval_args)
     test = evaluate(model, data, "test", head, **eval_args)
-    clusters = cluster_report(model, data, head, cfg.eval_batch_size, cfg.eps, cfg.sinkhorn_iters,
-                              cfg.max_pad)
+    clusters = cluster_report(model, data, head, cfg.eval_batch_size, cfg.max_pad,
+                              prototypes_trained(cfg))
     eval_seconds = time.time() - t0
     print(format_table(valid, f"valid (best epoch {state['best_epoch']})"))
     print(format_table(test, "test"))

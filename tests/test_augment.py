@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from s4rec.augment import OPERATORS, Augmenter, crop, insert, insert_count, mask, reorder
+from s4rec.augment import DEFAULT_OPERATORS, Augmenter, crop, insert, insert_count, mask, reorder
 
 MASK = 9999
 POOL = np.array([1001, 1002, 1002, 1003, 1003, 1003], dtype=np.int64)
@@ -162,8 +162,8 @@ def test_views_draws_operators_evenly():
     s = seq_of(20)
     aug = Augmenter(mask_id=MASK, pool=POOL)
     counts = Counter(_which(v, s) for v in aug.views([s] * 4000, rng))
-    assert set(counts) == set(OPERATORS)
-    for op in OPERATORS:
+    assert set(counts) == set(DEFAULT_OPERATORS)
+    for op in DEFAULT_OPERATORS:
         assert abs(counts[op] - 1000) < 120, counts  # about 4 standard deviations
     only = Augmenter(mask_id=MASK, operators=("crop", "reorder"))
     counts = Counter(_which(v, s) for v in only.views([s] * 2000, rng))

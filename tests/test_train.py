@@ -273,7 +273,7 @@ def test_unwritable_run_dir_is_one_line(tmp_path):
     assert proc.stderr.startswith("error: ") and str(blocker) in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["sr-only", "no-csd", "no-gr"])
+@pytest.mark.parametrize("name", ["sr-only", "sr-csd", "no-csd", "no-ssl", "no-gr"])
 def test_ablation_flag_zeroes_its_terms_only(name):
     from s4rec.config import ABLATIONS
     cfg = train.resolve(["--ablation", name])

@@ -1,7 +1,8 @@
 """Eager PyTorch definitions of every fused op: the meaning of "correct".
 
 Same signatures as the public functions minus ``backend``. Inputs are assumed valid (the public
-functions in sinkhorn.py, info_nce.py and item_softmax.py check them); index tensors are int64.
+functions in sinkhorn.py, info_nce.py, item_softmax.py and item_ranking.py check them); index
+tensors are int64.
 
 Dtype rule, for every op: float64 inputs are computed in and returned as float64; float32, float16
 and bfloat16 inputs are computed in and returned as float32. Autocast is disabled inside, so the

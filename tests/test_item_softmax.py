@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import s4rec_kernels
-from s4rec_kernels import _dispatch, item_softmax, reference
+from s4rec_kernels import _dispatch, _item_common, reference
 from _tolerances import ROUNDING_MARGIN, assert_close, backends
 
 
@@ -48,9 +48,9 @@ KERNEL_DEVICES = sorted({d for d, _ in KERNEL_CASES})
 def set_programs(monkeypatch, device, programs):
     """How many programs the launchers aim for: per SM on CUDA, in all under the interpreter."""
     if device == "cpu":
-        monkeypatch.setattr(item_softmax, "INTERPRET_TARGET_PROGRAMS", programs)
+        monkeypatch.setattr(_item_common, "INTERPRET_TARGET_PROGRAMS", programs)
     else:
-        monkeypatch.setattr(item_softmax, "PROGRAMS_PER_SM", programs)
+        monkeypatch.setattr(_item_common, "PROGRAMS_PER_SM", programs)
 
 
 def randn(*shape, seed, dtype=torch.float32, device="cpu"):

@@ -1,0 +1,175 @@
+"""What the item ops share: tile tables, launch settings, dot precision, row loaders, checks.
+
+Used by item_softmax.py (the loss), _item_softmax_bwd.py (its backward) and item_ranking.py
+(item_rank, item_topk). The tile tables are here together, to be tuned on a device in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from s4rec_kernels import _dispatch
+from s4rec_kernels._launch import programs_per_device
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: without it every call takes the reference path
+    triton = None
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+# Programs per streaming multiprocessor that the range splits aim for (enough for two or more
+# waves, so that no SM idles on the last one for long).
+PROGRAMS_PER_SM = 4
+# Program count aimed for under the interpreter (small: every program runs in turn on the CPU,
+# but more than one, so the tests cover the split paths).
+INTERPRET_TARGET_PROGRAMS = 4
+
+# Tiles on CUDA: {operand kind: {padded d (BLOCK_D): (BLOCK rows, BLOCK items, num_warps,
+# num_stages)}}. "half" is bf16/fp16 operands; "fp32" is fp32 on tensor cores (3xTF32 or TF32, see
+# _dot_types: twice the shared memory, 3xTF32 three products per tile); "ieee" is true fp32, an
+# fma chain per entry without tensor cores, whose operands live in registers, hence the small
+# tiles. First choices for sm_90, compiled ahead of time for it (triton 3.9, ptxas) to check
+# registers and shared memory: no spill, or a few dozen bytes, up to d = 128 ("fp32" excepted,
+# which spills a few hundred bytes in the backward at d >= 128); a few hundred bytes in the
+# "half" backward at d = 256. Not yet timed on a device: to be tuned there.
+CE_FWD_TILES = {
+    "half": {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3),
+             128: (128, 128, 8, 2), 256: (128, 64, 8, 2)},
+    "fp32": {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3),
+             128: (64, 64, 8, 2), 256: (64, 32, 8, 1)},
+    "ieee": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3),
+             128: (32, 32, 4, 2), 256: (32, 32, 4, 2)},
+}
+CE_DH_TILES = {
+    "half": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3),
+             128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
+    "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
+             128: (64, 32, 4, 2), 256: (64, 16, 4, 2)},
+    "ieee": {16: (32, 32, 4, 3), 32: (32, 32, 4, 3), 64: (32, 32, 4, 3),
+             128: (32, 32, 4, 2), 256: (32, 16, 8, 2)},
+}
+CE_DE_TILES = {  # 64 rows on tensor cores: the logits take the same (wgmma) path as the forward's
+    "half": {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (64, 128, 8, 2),
+             128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
+    "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
+             128: (64, 32, 4, 2), 256: (64, 16, 4, 2)},
+    "ieee": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2),
+             128: (32, 32, 4, 2), 256: (32, 16, 8, 2)},
+}
+TOPK_TILES = {
+    "half": {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3),
+             128: (32, 128, 8, 2), 256: (32, 64, 8, 2)},
+    "fp32": {16: (32, 128, 8, 2), 32: (32, 128, 8, 2), 64: (32, 128, 8, 2),
+             128: (32, 64, 8, 2), 256: (32, 64, 8, 2)},
+}
+# item_rank scores with fp32 fused multiply-adds (item_ranking._score_tile): (BLOCK_U, BLOCK_V,
+# num_warps)
+RANK_TILES = (64, 128, 8)
+# Under the interpreter: (BLOCK_N or BLOCK_U, BLOCK_V) small enough that test shapes span several
+# tiles. Module level so tests can change them (tl.dot needs 16 or more).
+INTERPRET_TILES = (32, 64)
+# Widest padded d the tl.dot kernels take; wider rows run the reference.
+MAX_BLOCK_D = 256
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)
+    _LN2 = tl.constexpr(LN2)
+
+    @triton.jit
+    def _load_rows(ptr, rows, mask_n, offs_d, mask_d, stride_n, stride_d):
+        """(BLOCK, BLOCK_D) tile of rows ``rows`` (int64) of a row-major-ish matrix; 0 outside."""
+        return tl.load(ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
+                       mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+
+    @triton.jit
+    def _row_index(rows_ptr, offs_n, mask_n, HAS_ROWS: tl.constexpr):
+        """Row of hidden for compact position ``offs_n`` (the identity without compaction)."""
+        if HAS_ROWS:
+            rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0)
+        else:
+            rows = offs_n
+        return rows.to(tl.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _target_programs(device: torch.device) -> int:
+    """How many programs the range splits aim for."""
+    if device.type == "cuda":
+        return programs_per_device(device, PROGRAMS_PER_SM)
+    return INTERPRET_TARGET_PROGRAMS
+
+
+def _splits(n_outer: int, n_inner: int, target: int) -> Tuple[int, int]:
+    """Split ``n_inner`` units (tiles or blocks) into ranges so that n_outer x ranges reaches
+    ``target`` programs. Returns (number of ranges, units per range); every range is non-empty."""
+    want = max(1, min(n_inner, -(-target // max(1, n_outer))))
+    per = -(-n_inner // want)
+    return -(-n_inner // per), per
+
+
+def _block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _tiles(table: dict, block_d: int, dtype: torch.dtype, device: torch.device) -> Tuple[int, ...]:
+    """(BLOCK_rows, BLOCK_items, num_warps, num_stages) for a kernel on ``device``."""
+    if device.type != "cuda":
+        return INTERPRET_TILES + (4, 1)
+    kind = "half"
+    if dtype == torch.float32:
+        kind = "ieee" if _dot_types(dtype, device)[1] == "ieee" and "ieee" in table else "fp32"
+    return table[kind][block_d]
+
+
+# tl.dot precision of fp32 operands for each torch.get_float32_matmul_precision(), as torch's own
+# fp32 matmuls read it: "highest" (torch's default) computes in true fp32 (no tensor cores)
+_FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+def _dot_types(dtype: torch.dtype, device: torch.device):
+    """(DOT_DTYPE, PRECISION, GRAD_DTYPE, GRAD_PRECISION) for inputs of ``dtype``."""
+    if device.type != "cuda":  # the interpreter: every operand in fp32
+        return tl.float32, "ieee", tl.float32, "ieee"
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32", tl.bfloat16, "tf32"
+    if dtype == torch.float16:
+        return tl.float16, "tf32", tl.float32, "tf32"
+    precision = _FP32_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+    return tl.float32, precision, tl.float32, precision
+
+
+def _active_rows(targets: torch.Tensor, ignore_index: int) -> Tuple[Optional[torch.Tensor], int]:
+    """Indices of the rows that take part (None when all do) and their count."""
+    active = targets != ignore_index
+    n_active = int(active.sum())
+    if n_active == targets.shape[0]:
+        return None, n_active
+    return active.nonzero().squeeze(1), n_active
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks of the public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_hidden_items(op: str, hidden: torch.Tensor, items: torch.Tensor, rows: str) -> None:
+    _dispatch.check_matrix(op, "hidden", hidden, f"({rows}, d)")
+    _dispatch.check_matrix(op, "items", items, "(V, d)")
+    _dispatch.check_dim_size(op, "items", items, 1, hidden.shape[1], "d of hidden")
+    if items.shape[0] == 0:
+        raise ValueError(f"{op}: items has shape {tuple(items.shape)}; expected V >= 1 rows")
+    _dispatch.check_same_dtype(op, ("hidden", hidden), ("items", items))

@@ -61,8 +61,7 @@ def time_steps(data, cfg: Config, provider: str, steps: int, warmup: int, device
     """
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = S4Rec(data.n_items, cfg.hidden, cfg.heads, cfg.layers, cfg.dropout, cfg.max_len,
-                  cfg.n_clusters).to(device)
+    model = S4Rec.from_config(data.n_items, cfg).to(device)
     if provider == "torch.compile":
         model.encoder.compile(dynamic=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)

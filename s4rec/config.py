@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 
@@ -83,6 +85,7 @@ class Config:
     resume: Optional[str] = None  # continue the run in this folder from its last checkpoint
     progress: bool = True  # show a progress bar per epoch
     tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
+    config: Optional[str] = None  # a JSON file of settings (e.g. a run's config.json); flags given beside it win
 
     def resolved_epochs(self) -> int:
         if self.epochs is not None:
@@ -195,7 +198,8 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
             extra["choices"] = ("all", "length")
         if f.name == "kernels":
             extra["choices"] = ("auto", "reference", "triton")
-        metavar = {"data": "PATH", "run_dir": "DIR", "resume": "DIR", "seeds": "LIST"}.get(
+        metavar = {"data": "PATH", "run_dir": "DIR", "resume": "DIR", "seeds": "LIST",
+                   "config": "FILE"}.get(
             f.name, type_name.upper())
         parser.add_argument(
             flag, dest=f.name, type=parse,
@@ -260,3 +264,60 @@ def check_config(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Where a run lives and how it was started: taken from the command line only, never from a file.
+_NOT_FROM_FILE = ("run_dir", "resume", "config")
+
+
+def settings_file(path: str) -> dict:
+    """The settings in a JSON file (a run's config.json, or one written by hand), checked against
+    the fields of Config; its run directory and resume entries are left out, so rerunning a saved
+    configuration starts a new run."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            values = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"--config {path}: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config {path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of settings")
+    types = {f.name: str(f.type) for f in fields(Config)}
+    out = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(f"--config {path}: unknown setting {key!r}")
+        if key in _NOT_FROM_FILE:
+            continue
+        kind = types[key].replace("Optional[", "").rstrip("]")
+        ok = (value is None and types[key].startswith("Optional")) or {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str), "bool": isinstance(value, bool)}[kind]
+        if not ok:
+            raise ConfigError(f"--config {path}: {key} must be {kind}, got {value!r}")
+        out[key] = float(value) if kind == "float" and value is not None else value
+    return out
+
+
+def resolve(argv=None) -> Config:
+    """The run's config: the command line (over a --config file), or a resumed run's saved
+    config plus the flags given; presets and ablations applied; checked."""
+    cfg = parse_config(argv)
+    given = explicit_flags(argv)
+    if cfg.resume:
+        saved = Path(cfg.resume) / "config.json"
+        if not (Path(cfg.resume) / "last.pt").exists() or not saved.exists():
+            raise ConfigError(f"--resume {cfg.resume}: no last.pt and config.json to resume from")
+        known = {f.name for f in fields(Config)}
+        stored = {k: v for k, v in json.loads(saved.read_text()).items() if k in known}
+        cfg = dataclasses.replace(Config(**stored), **given)
+        cfg.run_dir = cfg.resume
+    else:
+        if cfg.config:
+            given = {**settings_file(cfg.config), **given}
+            cfg = dataclasses.replace(Config(), **given)
+        cfg = apply_named(cfg, given)
+    check_config(cfg)
+    return cfg

@@ -5,13 +5,10 @@ head/tail lengths) in about a minute on a laptop CPU. `--help` lists every flag.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -24,51 +21,20 @@ from s4rec_kernels._dispatch import default_backend, interpreter_enabled
 
 from . import checkpoint
 from .checkpoint import Interrupted, StopFlag
-from .config import (Config, ConfigError, apply_named, check_config, explicit_flags, parse_config,
-                     parse_seeds, to_dict)
-from .batches import make_augmenter, make_batch, training_pool, window  # noqa: F401
-from .data import DataError, SequenceData, head_users, load_dataset, save_mapping, synthetic
+from .config import Config, ConfigError, parse_seeds, resolve, to_dict  # noqa: F401 (resolve)
+from .batches import make_augmenter, make_batch, training_pool, window  # noqa: F401 (tests)
+from .data import DataError, head_users, save_mapping
 from .losses import compute_losses, gradient_shares, total_loss
 from .metrics import (cluster_report, evaluate, format_table, protocol, prototypes_trained,
                       sr_loss_name)
 from .model import S4Rec
+from .runtime import cluster_health, load_data, resolve_device, seed_everything, warn_clusters
 from .prototypes import fit_kmeans
 from .runlog import default_run_dir, epoch_line, log_tensorboard, tensorboard_writer, write_log
 
 
 class NonFiniteLoss(RuntimeError):
     """A loss term became NaN or infinite; the run stops and keeps its best checkpoint."""
-
-
-def seed_everything(seed: int) -> np.random.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def load_data(cfg: Config) -> SequenceData:
-    data = synthetic() if cfg.data is None else load_dataset(cfg.data, cfg.n_items)
-    print(f"data {data.name}: {len(data)} users, {data.n_items} items, "
-          f"{int(data.lengths.sum())} interactions")
-    if data.n_skipped:
-        print(f"skipped {data.n_skipped} users with fewer than 3 items (they cannot be split)")
-    return data
-
-
-def cluster_health(counts: np.ndarray) -> Dict[str, float]:
-    """Entropy of cluster usage (ln K when even) and the number of prototypes nobody was assigned to."""
-    p = counts / max(counts.sum(), 1)
-    nz = p[p > 0]
-    return {"cluster_entropy": float(-(nz * np.log(nz)).sum()), "empty_clusters": int((counts == 0).sum())}
 
 
 def train_step(model: S4Rec, optimizer, batch, cfg: Config, step: int, where: str = "",
@@ -150,10 +116,7 @@ def run_one(cfg: Config) -> Dict:
               "(they are still evaluated)")
     if len(trainable) == 0:
         raise DataError(f"{data.name}: no user has the 4 items a training pair needs")
-    if cfg.batch_size < cfg.n_clusters or len(trainable) < cfg.n_clusters:
-        warnings.warn(f"batches of {min(cfg.batch_size, len(trainable))} users are smaller than "
-                      f"K={cfg.n_clusters} prototypes: the equipartition target cannot use them all",
-                      stacklevel=2)
+    warn_clusters(cfg, len(trainable))
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(data)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)  # recorded in config.json, and named by the resume hint
@@ -271,22 +234,6 @@ def run_seeds(cfg: Config, seeds: List[int]) -> Dict:
     checkpoint.save_json(summary, base / "summary.json")
     print(f"wrote {base / 'summary.json'}")
     return summary
-
-
-def resolve(argv: Optional[List[str]]) -> Config:
-    """The run's config: the command line, or a resumed run's saved config plus explicit flags."""
-    cfg = parse_config(argv)
-    if cfg.resume:
-        saved = Path(cfg.resume) / "config.json"
-        if not (Path(cfg.resume) / "last.pt").exists() or not saved.exists():
-            raise ConfigError(f"--resume {cfg.resume}: no last.pt and config.json to resume from")
-        given = explicit_flags(argv)
-        cfg = replace(Config(**json.loads(saved.read_text())), **given)
-        cfg.run_dir = cfg.resume
-    else:
-        cfg = apply_named(cfg, explicit_flags(argv))
-    check_config(cfg)
-    return cfg
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -306,3 +306,57 @@ def test_bad_preset_is_one_line(tmp_path):
     out = _cli(["--preset", "nope"], tmp_path)
     assert out.returncode == 2
     assert "--preset" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_file_sets_every_flag_and_flags_win(tmp_path):
+    saved = Config(hidden=16, layers=1, n_clusters=8, preset="beauty", tau2=0.1, tau3=1.0,
+                   sr_loss="bce", run_dir=str(tmp_path / "old"), resume=None)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**vars(saved), "config": None}))
+    cfg = train.resolve(["--config", str(path), "--layers", "2"])
+    assert cfg.layers == 2 and cfg.hidden == 16 and cfg.sr_loss == "bce" and cfg.tau3 == 1.0
+    assert cfg.run_dir is None  # a rerun is a new run: the saved run directory is not reused
+    hand = tmp_path / "hand.json"
+    hand.write_text('\ufeff{"lr": 0.002, "ablation": "sr-only"}')
+    cfg = train.resolve(["--config", str(hand)])
+    assert cfg.lr == 0.002 and cfg.alpha == cfg.beta1 == cfg.lam == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"hiddn": 16}', "unknown setting 'hiddn'"),
+    ('{"hidden": "16"}', "hidden must be int"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"hidden": 16,}', "line 1: not valid JSON"),
+])
+def test_bad_config_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    proc = _cli(["--config", str(path)], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --config") and message in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_rerun_from_a_saved_config(tmp_path):
+    first = _cli(["--epochs", "1", "--run-dir", str(tmp_path / "a"), *FAST], tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = _cli(["--config", str(tmp_path / "a" / "config.json"), "--run-dir",
+                  str(tmp_path / "b")], tmp_path)
+    assert again.returncode == 0, again.stderr
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["test"] == b["test"]  # same settings, same seed: the same run
+
+
+def test_more_clusters_than_users_is_named_at_start(tmp_path):
+    data = tmp_path / "small.txt"
+    rng = np.random.default_rng(0)
+    data.write_text("".join(f"{u} " + " ".join(map(str, rng.integers(1, 30, 6))) + "\n"
+                            for u in range(1, 41)))
+    proc = _cli(["--data", str(data), "--n-clusters", "100", "--epochs", "1", "--hidden", "16",
+                 "--layers", "1", "--progress", "false", "--run-dir", str(tmp_path / "r")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --n-clusters 100 exceeds the 40 trainable users of the data set" in proc.stderr
+    proc = _cli(["--n-clusters", "100", "--batch-size", "64", "--epochs", "0", "--hidden", "16",
+                 "--progress", "false", "--run-dir", str(tmp_path / "s")], tmp_path)
+    assert "exceeds the 64 users of a batch" in proc.stderr

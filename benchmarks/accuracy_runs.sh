@@ -3,7 +3,7 @@
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
 #   bash benchmarks/accuracy_runs.sh [GROUP ...]
-#   groups: beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec search
+#   groups: beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
@@ -63,13 +63,18 @@ for group in $GROUPS_WANTED; do
                     run beauty-bce-s4rec-s$seed "S4Rec (bce)" $BCE --preset paper --seed $seed
                 fi
             done ;;
+        bce-why)  # which term holds S4Rec (bce) back: 40-epoch runs at seed 1, read on validation
+            W="--data $DATA/Beauty.txt --sr-loss bce --epochs 40 --eval-every 2 --preset paper --seed 1"
+            run beauty-bce-why-nogr-s1 "S4Rec (bce) w/o GR, 40 epochs" $W --lam 0
+            run beauty-bce-why-nockd-s1 "S4Rec (bce) w/o CKD, 40 epochs" $W --beta2 0
+            run beauty-bce-why-sr-s1 "SR-only (bce), 40 epochs" $W --ablation sr-only ;;
         search)  # the self-supervised terms' suspects, on Beauty validation (seed 1)
             P="--preset beauty --proj-head mlp --augment length"
             run beauty-search-nogr-s1 "search: mlp head, length views, no adversary" $B $P --lam 0 --seed 1
             run beauty-search-scl-s1 "search: mlp head, length views, contrast only" $B $P --alpha 0 --beta2 0 --lam 0 --seed 1
             run beauty-search-proj-s1 "search: mlp head, length views" $B $P --seed 1
             run beauty-search-ckd-s1 "search: mlp head, length views, tau3 0.05" $B $P --tau3 0.05 --seed 1 ;;
-        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec search)" >&2; exit 2 ;;
+        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

@@ -30,6 +30,7 @@ import torch
 
 from s4rec_kernels import item_topk
 
+from .checkpoint import first_line
 from .config import Config
 from .data import MAPPING_FILE, DataError, SequenceData, load_dataset, load_mapping, synthetic
 from .model import S4Rec, pack
@@ -56,7 +57,7 @@ def load_run(run_dir, device="cpu") -> Tuple[S4Rec, Config]:
     try:
         ckpt = torch.load(best, map_location=device, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise RecommendError(f"{best}: cannot read the checkpoint ({_first_line(e)})") from None
+        raise RecommendError(f"{best}: cannot read the checkpoint ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise RecommendError(f"{best}: not a checkpoint of s4rec.train (no model state)")
     state = ckpt["model"]
@@ -68,7 +69,7 @@ def load_run(run_dir, device="cpu") -> Tuple[S4Rec, Config]:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise RecommendError(f"{best} does not fit the run's config ({_first_line(e)})") from None
+        raise RecommendError(f"{best} does not fit the run's config ({first_line(e)})") from None
     return model.to(device).eval(), cfg
 
 
@@ -79,7 +80,7 @@ def _read_config(run: Path, ckpt: dict) -> Config:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RecommendError(f"{path}: not valid JSON ({_first_line(e)})") from None
+            raise RecommendError(f"{path}: not valid JSON ({first_line(e)})") from None
     elif isinstance(ckpt.get("config"), dict):
         saved = ckpt["config"]
     else:
@@ -88,11 +89,6 @@ def _read_config(run: Path, ckpt: dict) -> Config:
         raise RecommendError(f"{path}: expected a JSON object of settings")
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in saved.items() if k in known})
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def run_data(model: S4Rec, cfg: Config, run_dir, path: Optional[str] = None) -> Tuple[SequenceData, str]:

@@ -62,6 +62,28 @@ def test_whitespace_blank_lines_and_crlf(tmp_path):
     )
 
 
+def test_byte_order_mark_and_crlf_as_windows_tools_write_them(tmp_path):
+    plain = load_sequences(write(tmp_path, "7 3 1 2\n2 4 4 1 5\n", "plain.txt"))
+    p = tmp_path / "windows.txt"
+    p.write_bytes(b"\xef\xbb\xbf7 3 1 2\r\n2 4 4 1 5\r\n")
+    d = load_sequences(p)
+    assert d.user_ids.tolist() == plain.user_ids.tolist() == [7, 2]
+    assert d.items.tolist() == plain.items.tolist() and d.offsets.tolist() == plain.offsets.tolist()
+    assert d.n_items == plain.n_items == 5
+
+
+@pytest.mark.parametrize("text, line, token", [
+    ("\ufeff\ufeff7 3 1 2\n", 1, "\ufeff7"),  # only one mark, at the very start
+    ("7 3 1 2\r\n\ufeff2 4 4 1\r\n", 2, "\ufeff2"),
+    ("7 3 1 2\n2 4 \ufeff4 1\n", 2, "\ufeff4"),
+])
+def test_byte_order_mark_elsewhere_is_an_error(tmp_path, text, line, token):
+    p = write(tmp_path, text)
+    with pytest.raises(DataError) as err:
+        load_sequences(p)
+    assert str(err.value) == f"{p} line {line}: {token!r} is not an integer"
+
+
 def test_short_users_skipped_and_counted(tmp_path):
     p = write(tmp_path, "1 1 2 3\n2 4 5\n3\n4 6\n5 7 8 9 10\n")
     d = load_sequences(p)

@@ -23,6 +23,7 @@ _ODD_CHAR = re.compile(r"[^0-9 \t\r\n\f\v+-]")
 def load_sequences(path, n_items: Optional[int] = None) -> SequenceData:
     """Read the line format ``user_id item_id item_id ...`` (whitespace separated, time order).
 
+    UTF-8 text; a leading byte-order mark is dropped and lines may end in CRLF.
     Item ids start at 1 (0 is padding). Blank lines are ignored. Users with fewer than 3 items
     (a line with only a user id has 0) are skipped and counted in ``n_skipped``. ``n_items``
     defaults to the largest item id in the file (skipped users included); when given, every id
@@ -201,7 +202,7 @@ def load_inter(path, n_items: Optional[int] = None) -> SequenceData:
     name = os.path.splitext(os.path.basename(path))[0]
     n_items = _check_n_items(path, n_items)
     lines = _read_text(path).split("\n")
-    columns = _inter_header(path, lines[0].removeprefix("\ufeff"))
+    columns = _inter_header(path, lines[0])
     n_cols = len(columns)
     u_col, i_col = columns.index("user_id"), columns.index("item_id")
     t_col = columns.index("timestamp") if "timestamp" in columns else None
@@ -273,6 +274,8 @@ def load_inter(path, n_items: Optional[int] = None) -> SequenceData:
 
 
 def _read_text(path: str) -> str:
+    """The file as UTF-8 text without a leading byte-order mark (one, as Windows tools write);
+    an empty file, bytes that are not UTF-8 and NUL raise DataError naming the line."""
     raw = _read_bytes(path)
     if not raw:
         raise DataError(f"{path}: file is empty")
@@ -285,7 +288,7 @@ def _read_text(path: str) -> str:
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1
         raise DataError(f"{path} line {line}: NUL byte (a binary file?)")
-    return text
+    return text.removeprefix("\ufeff")
 
 
 def _inter_header(path: str, line: str) -> List[str]:

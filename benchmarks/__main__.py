@@ -1,8 +1,11 @@
 """Run every benchmark, providers side by side, tables to the terminal and to one folder.
 
-    python -m benchmarks [--quick] [--out DIR] [--only sinkhorn,info_nce,item_softmax,train]
+    python -m benchmarks [--quick] [--out DIR | --save]
+                         [--only sinkhorn,info_nce,item_softmax,train]
 
-`--quick` (small shapes, few repetitions) is the default without a GPU.
+`--quick` (small shapes, few repetitions) is the default without a GPU. Tables go to
+runs/benchmarks/ (ignored by git), to DIR with --out, and to the committed benchmarks/results/ only
+with --save (or --out benchmarks/results).
 """
 import argparse
 import importlib
@@ -12,6 +15,8 @@ import traceback
 
 import torch
 
+from benchmarks._harness import add_out_flags
+
 BENCHES = ("sinkhorn", "info_nce", "item_softmax", "train")
 
 
@@ -19,7 +24,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run the s4rec benchmarks.")
     parser.add_argument("--quick", action="store_true", help="small shapes (default without a GPU)")
     parser.add_argument("--full", action="store_true", help="full shapes even without a GPU")
-    parser.add_argument("--out", default=None, help="folder for the tables (benchmarks/results)")
+    add_out_flags(parser)
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset")
     args = parser.parse_args(argv)
     quick = args.quick or (not args.full and not torch.cuda.is_available())

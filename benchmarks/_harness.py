@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed tables: written on request
+SCRATCH = Path("runs") / "benchmarks"  # the default folder for tables (runs/ is ignored by git)
 
 
 def device_label(device: torch.device) -> str:
@@ -164,8 +165,9 @@ def check_agree(results: Dict[str, object], reference: str, rtol: float, atol: f
 
 def write_table(op: str, rows: Sequence[Dict], columns: Sequence[str], device: torch.device,
                 out_dir: Optional[Path] = None, note: str = "") -> Path:
-    """Print a markdown table and write it as <device>-<op>.md and .json under out_dir."""
-    out_dir = Path(out_dir) if out_dir else RESULTS
+    """Print a markdown table and write it as <device>-<op>.md and .json under out_dir
+    (default runs/benchmarks/ of the working folder; the committed tables only when asked)."""
+    out_dir = Path(out_dir) if out_dir else SCRATCH
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"op": op, "device": device_label(device), "date": time.strftime("%Y-%m-%d"),
             **versions(), "note": note}
@@ -190,13 +192,24 @@ def write_table(op: str, rows: Sequence[Dict], columns: Sequence[str], device: t
     stem = out_dir / f"{device_slug(device)}-{op}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": list(rows)}, indent=2) + "\n")
+    print(f"wrote {stem}.md and .json\n")
     return stem.with_suffix(".md")
+
+
+def add_out_flags(parser: argparse.ArgumentParser) -> None:
+    """--out DIR, or --save for the committed tables in benchmarks/results/ (args.out: a Path or
+    None, the default folder)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help=f"folder for the .md and .json tables (default {SCRATCH}/)")
+    where.add_argument("--save", dest="out", action="store_const", const=RESULTS,
+                       help="write the tables to benchmarks/results/, the ones in the repository")
 
 
 def op_parser(description: str, shapes_help: str, quick_help: str = "small shapes only (< 1 min)",
               dtype: Optional[Tuple[str, str]] = None) -> argparse.ArgumentParser:
-    """The flags every op benchmark shares: --quick, --out, --shapes and, given (default, what it
-    sets), --dtype."""
+    """The flags every op benchmark shares: --quick, --out or --save, --shapes and, given (default,
+    what it sets), --dtype."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     if dtype is not None:
@@ -204,7 +217,6 @@ def op_parser(description: str, shapes_help: str, quick_help: str = "small shape
         parser.add_argument("--dtype", default=default, help=f"dtype of {what}",
                             choices=[default] + [d for d in ("float32", "bfloat16", "float16")
                                                  if d != default])
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"folder for the .md and .json tables (default {RESULTS})")
+    add_out_flags(parser)
     parser.add_argument("--shapes", default=None, help=shapes_help)
     return parser

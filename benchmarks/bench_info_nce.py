@@ -1,6 +1,6 @@
 """info_nce_proto: the fused Triton kernels against eager PyTorch and torch.compile of it.
 
-    python -m benchmarks.bench_info_nce [--quick] [--dtype float32|bfloat16] [--out DIR]
+    python -m benchmarks.bench_info_nce [--quick] [--dtype float32|bfloat16] [--out DIR | --save]
 
 Providers: "ours" (the Triton kernels, CUDA only), "eager" (``reference.info_nce_proto``) and
 "compiled" (``torch.compile`` of it). Modes: forward, backward (of a retained graph) and

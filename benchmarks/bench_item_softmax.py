@@ -1,7 +1,8 @@
 """item_softmax_ce and item_rank: the fused Triton kernels against eager PyTorch, torch.compile of
 it, Liger-Kernel's fused linear cross entropy and Apple's Cut Cross-Entropy.
 
-    python -m benchmarks.bench_item_softmax [--quick] [--dtype bfloat16|float16|float32] [--out DIR]
+    python -m benchmarks.bench_item_softmax [--quick] [--dtype bfloat16|float16|float32]
+                                            [--out DIR | --save]
         [--shapes NxVxd,...] [--providers ours,eager,...] [--no-rank]
 
 Loss providers: "ours" (the Triton kernels, CUDA only), "eager" (``reference.item_softmax_ce``,

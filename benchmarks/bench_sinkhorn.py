@@ -1,6 +1,6 @@
 """sinkhorn: the Triton kernels against eager PyTorch, torch.compile of it, and POT.
 
-    python -m benchmarks.bench_sinkhorn [--quick] [--out DIR]
+    python -m benchmarks.bench_sinkhorn [--quick] [--out DIR | --save]
 
 Providers: "ours" (the Triton kernels; CUDA only, the interpreter is no speed reference),
 "eager" (``reference.sinkhorn``), "compile" (``torch.compile`` of it) and "pot"

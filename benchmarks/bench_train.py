@@ -1,6 +1,6 @@
 """End-to-end training throughput: seconds per step and per epoch, users per second, peak memory.
 
-    python -m benchmarks.bench_train [--data PATH] [--quick] [--steps N] [--out DIR]
+    python -m benchmarks.bench_train [--data PATH] [--quick] [--steps N] [--out DIR | --save]
 
 Rows: each provider (eager references; the same with the encoder under torch.compile; the fused
 Triton kernels, CUDA only) times each objective (SR only, the full S4Rec objective). A step is the
@@ -35,7 +35,7 @@ from s4rec.train import make_batch, train_step, training_pool
 from s4rec_kernels._dispatch import default_backend
 
 from . import _recbole
-from ._harness import device_label, peak_extra_mb, write_table
+from ._harness import add_out_flags, device_label, peak_extra_mb, write_table
 
 DATA_DIR = Path(os.environ.get("S4REC_DATA_DIR",
                               Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row")
     parser.add_argument("--compile", dest="compile_", action="store_true", default=None,
                         help="also time torch.compile on CPU (slow to compile)")
-    parser.add_argument("--out", default=None, help="folder for the tables")
+    add_out_flags(parser)
     args = parser.parse_args()
     quick = args.quick or not torch.cuda.is_available()
     run(quick, args.out, args.data, args.steps, args.compile_)

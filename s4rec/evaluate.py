@@ -20,9 +20,9 @@ from typing import List, Optional
 import torch
 
 from .checkpoint import save_json
-from .data import DataError, head_users
+from .data import head_users
 from .metrics import evaluate, format_table, protocol, sr_loss_name
-from .recommend import RecommendError, load_run, run_data
+from .recommend import RecommendError, load_run, one_line_errors, run_data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,15 +67,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (RecommendError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    return 0
+    return one_line_errors(lambda: run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import DataError
 from .model import SASRec
-from .recommend import RecommendError, load_run
+from .recommend import RecommendError, load_run, one_line_errors
 
 META_FILE = "s4rec.json"
 
@@ -83,19 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work():
         program, meta = export_run(args.run, args.k)
         with open(args.out, "wb") as f:
             torch.export.save(program, f, extra_files={META_FILE: json.dumps(meta)})
-    except (RecommendError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: sequences (B, L) int64 -> top-{args.k} of {meta['n_items']} items "
-          f"(encodes the last {meta['max_len']})")
-    return 0
+        print(f"wrote {args.out}: sequences (B, L) int64 -> top-{args.k} of {meta['n_items']} "
+              f"items (encodes the last {meta['max_len']})")
+
+    return one_line_errors(work, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import re
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -273,22 +273,33 @@ def run(args: argparse.Namespace) -> Tuple[List[Tuple[str, int, str, float]], in
     return rows_of(users, ids, scores, user_labels, item_labels), len(users)
 
 
+def one_line_errors(work: Callable[[], object], out: Optional[str] = None) -> int:
+    """Run a command's ``work``: 0, or 2 after one line ``error: ...`` on stderr for a bad request
+    (RecommendError, DataError) or a file that cannot be read or written (``out`` names the file
+    when the error does not)."""
+    try:
+        work()
+    except (RecommendError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err.filename or out}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work():
         rows, n_users = run(args)
         if args.out:
             write_csv(rows, args.out)
             print(f"wrote {len(rows)} recommendations for {n_users} users to {args.out}")
         else:
             print(format_rows(rows))
-    except (RecommendError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return one_line_errors(work, args.out)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,17 @@ def test_no_checkpoint_is_loaded_with_weights_only_false():
     assert sources
     for path in sources:
         assert "weights_only=False" not in path.read_text(), path
+
+
+def test_a_real_last_pt_loads_safely_with_every_logged_statistic(tmp_path):
+    # what an epoch logs (loss terms, gradient shares, K-means inertia, validation metrics) is
+    # saved in last.pt's history: all of it must be plain values that weights_only reads
+    from s4rec import train
+
+    run_dir = tmp_path / "run"
+    assert train.main(["--epochs", "1", "--hidden", "16", "--layers", "1", "--n-clusters", "8",
+                       "--batch-size", "64", "--progress", "false", "--threads", "1",
+                       "--prototypes", "kmeans", "--alpha", "0", "--run-dir", str(run_dir)]) == 0
+    ckpt = checkpoint.load(run_dir / "last.pt", "cpu")
+    logged = ckpt["state"]["history"][0]
+    assert {"kmeans_inertia", "grad_share_sr", "valid"} <= set(logged), sorted(logged)

@@ -71,5 +71,6 @@ else
   step tests 1200 python3 -m pytest -q -x -p no:cacheprovider tests
   step benchmarks 600 python3 -m benchmarks --quick --out "$OUT"
 fi
+python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && step scale 300 python3 -m benchmarks.bench_scale --out "$OUT" --sizes 10000,100000,1000000,10000000 --workloads "SR only,eval" --providers ours,eager
 say "== done (status $status); tables and logs in $OUT"
 exit $status

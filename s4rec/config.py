@@ -24,6 +24,8 @@ class Config:
     # data
     data: Optional[str] = None  # path to a line-format file; None = the embedded synthetic data set
     n_items: Optional[int] = None  # catalogue size; None = the largest item id in the file
+    synthetic_users: int = 3000  # without --data: users of the synthetic data set
+    synthetic_items: int = 800  # without --data: items of the synthetic data set (a million runs on a CPU)
     max_len: int = 50  # sequences are cut to their last max_len items
     head_frac: float = 0.2  # share of users (longest training sequences) that are "head"
     preset: Optional[str] = None  # a named setting tuned on validation: "paper", "beauty" or "ml-1m"; flags given beside it win
@@ -79,6 +81,7 @@ class Config:
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     kernels: str = "auto"  # the fused ops: "auto" (Triton on CUDA), "reference" (eager) or "triton"
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    logits_budget_mb: float = 256.0  # without Triton kernels: above this many MB of (rows x items) scores, stream the items in chunks
     seeds: Optional[str] = None  # comma-separated seeds: one run each, then mean and std
     deterministic: bool = False  # deterministic algorithms only, so equal seeds give equal bits
     run_dir: Optional[str] = None  # where checkpoints and metrics go; None = runs/<data>-<time>
@@ -232,7 +235,8 @@ def parse_seeds(text: str) -> list:
 def check_config(cfg: Config) -> None:
     """Reject settings that cannot work, naming the flag."""
     positive = ["max_len", "hidden", "heads", "layers", "n_clusters", "batch_size", "eval_batch_size",
-                "eval_every", "n_negatives", "tau1", "tau2", "tau3", "eps"]
+                "eval_every", "n_negatives", "tau1", "tau2", "tau3", "eps", "synthetic_users",
+                "synthetic_items", "logits_budget_mb"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -245,6 +249,9 @@ def check_config(cfg: Config) -> None:
                  "substitute_ratio", "max_pad"]:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.data is None and cfg.synthetic_items < 32:
+        raise ConfigError(f"--synthetic-items must be at least 32 (two per planted intent), got "
+                          f"{cfg.synthetic_items}")
     if cfg.prototypes == "kmeans" and cfg.alpha > 0:
         raise ConfigError(f"--prototypes kmeans replaces the online clustering, so L_clust has no "
                           f"prototypes to train: give --alpha 0 (got {cfg.alpha})")

@@ -19,6 +19,8 @@ from typing import List, Optional
 
 import torch
 
+from s4rec_kernels._dispatch import logits_budget
+
 from .checkpoint import save_json
 from .data import head_users
 from .metrics import evaluate, format_table, protocol, sr_loss_name
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> dict:
     data, name = run_data(model, cfg, args.run, args.data)
     exclude = args.exclude_history or cfg.exclude_history
     head = head_users(data, cfg.head_frac)
-    results = evaluate(model, data, args.split, head, args.batch_size, exclude, cfg.max_pad)
+    with logits_budget(cfg.logits_budget_mb):
+        results = evaluate(model, data, args.split, head, args.batch_size, exclude, cfg.max_pad)
     print(format_table(results, f"{args.split} ({name}, {args.run})"))
     if args.out:
         save_json({"run": str(args.run), "data": name, "split": args.split, args.split: results,

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 
 from s4rec_kernels import item_topk
+from s4rec_kernels._dispatch import logits_budget
 
 from .checkpoint import first_line
 from .config import Config
-from .data import MAPPING_FILE, DataError, SequenceData, load_dataset, load_mapping, synthetic
+from .data import MAPPING_FILE, DataError, SequenceData, load_dataset, load_mapping
 from .model import S4Rec, pack
+from .runtime import synthetic_data
 
 _INT = re.compile(r"[+-]?[0-9]+")
 
@@ -96,7 +98,7 @@ def run_data(model: S4Rec, cfg: Config, run_dir, path: Optional[str] = None) -> 
     embedded synthetic set, which is generated the same way every time). It must have the
     model's catalogue."""
     path = path if path is not None else cfg.data
-    data = synthetic() if path is None else load_dataset(path, cfg.n_items)
+    data = synthetic_data(cfg) if path is None else load_dataset(path, cfg.n_items)
     name = data.name if path is None else os.path.basename(path)
     if data.n_items != model.encoder.n_items:
         raise RecommendError(f"{name} has {data.n_items} items but the model in {run_dir} "
@@ -269,7 +271,8 @@ def run(args: argparse.Namespace) -> Tuple[List[Tuple[str, int, str, float]], in
         if not wanted:
             raise RecommendError("--users names no user")
         users = find_users(wanted, user_labels, numeric, data_name, data.n_skipped)
-    ids, scores = recommend(model, data, users, args.k, args.batch_size, cfg.max_pad)
+    with logits_budget(cfg.logits_budget_mb):  # the run's own: above it, items are streamed
+        ids, scores = recommend(model, data, users, args.k, args.batch_size, cfg.max_pad)
     return rows_of(users, ids, scores, user_labels, item_labels), len(users)
 
 

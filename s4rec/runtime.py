@@ -27,8 +27,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def synthetic_data(cfg: Config) -> SequenceData:
+    """The embedded synthetic data set at the run's --synthetic-users and --synthetic-items."""
+    return synthetic(n_users=cfg.synthetic_users, n_items=cfg.synthetic_items)
+
+
 def load_data(cfg: Config) -> SequenceData:
-    data = synthetic() if cfg.data is None else load_dataset(cfg.data, cfg.n_items)
+    data = synthetic_data(cfg) if cfg.data is None else load_dataset(cfg.data, cfg.n_items)
     print(f"data {data.name}: {len(data)} users, {data.n_items} items, "
           f"{int(data.lengths.sum())} interactions")
     if data.n_skipped:

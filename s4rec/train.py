@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from s4rec_kernels._dispatch import default_backend, interpreter_enabled
+from s4rec_kernels._dispatch import default_backend, interpreter_enabled, logits_budget
 
 from . import checkpoint
 from .checkpoint import Interrupted, StopFlag
@@ -240,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = None
     try:
         cfg = resolve(argv)
-        with default_backend(cfg.kernels):
+        with default_backend(cfg.kernels), logits_budget(cfg.logits_budget_mb):
             if cfg.seeds:
                 run_seeds(cfg, parse_seeds(cfg.seeds))
             else:

@@ -5,8 +5,12 @@ Backends:
   "triton"     the registered Triton implementation of the op. Needs CUDA tensors, or CPU tensors
                when the environment variable ``TRITON_INTERPRET=1`` is set (the Triton interpreter,
                which is how the kernels are tested without a GPU).
+  "chunked"    the memory-bounded versions in ``chunked.py`` (item_softmax_ce, item_rank and
+               item_topk only): the item table streamed in chunks, any device.
   "auto"       "triton" when the tensors are on CUDA, Triton is installed and a Triton
-               implementation of the op is registered; "reference" otherwise.
+               implementation of the op is registered; otherwise "chunked" for the item ops whose
+               (rows, items) scores would take more than ``LOGITS_BUDGET_MB`` (fp32, or fp64 for
+               fp64 inputs), and "reference" for everything else.
 
 Triton implementations are registered by op name with ``register_triton(op_name, fn)``. ``fn`` is
 called with the validated arguments (index tensors already converted to int64) in the order and
@@ -29,7 +33,12 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "chunked")
+# The ops that have a chunked version (chunked.py).
+CHUNKED_OPS = ("item_softmax_ce", "item_rank", "item_topk")
+# Above this many MB of (rows, items) scores, backend "auto" streams the item table in chunks
+# instead of running the reference; it also sizes the chunks. Change it with `logits_budget`.
+LOGITS_BUDGET_MB = 256.0
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -92,25 +101,63 @@ def default_backend(backend: str) -> Iterator[None]:
         _AUTO[0] = previous
 
 
-def resolve_backend(op_name: str, backend: str, *tensors: Optional[torch.Tensor]) -> str:
-    """Return "triton" or "reference" for a call of ``op_name`` on ``tensors`` (None ignored).
+@contextlib.contextmanager
+def logits_budget(mb: float) -> Iterator[None]:
+    """Within the block, ``LOGITS_BUDGET_MB`` is ``mb`` (e.g. the trainer's --logits-budget-mb)."""
+    global LOGITS_BUDGET_MB
+    if isinstance(mb, bool) or not isinstance(mb, numbers.Real) or not mb > 0:
+        raise ValueError(f"logits_budget: mb must be a number > 0; got {mb!r}")
+    previous = LOGITS_BUDGET_MB
+    LOGITS_BUDGET_MB = float(mb)
+    try:
+        yield
+    finally:
+        LOGITS_BUDGET_MB = previous
+
+
+def over_budget(n_scores: int, dtype: torch.dtype) -> bool:
+    """True when ``n_scores`` scores in the compute dtype of ``dtype`` exceed the budget."""
+    size = 8 if dtype == torch.float64 else 4
+    return n_scores * size > LOGITS_BUDGET_MB * 2**20
+
+
+def resolve_backend(op_name: str, backend: str, *tensors: Optional[torch.Tensor],
+                    n_scores: Optional[int] = None) -> str:
+    """Return "triton", "chunked" or "reference" for a call of ``op_name`` on ``tensors`` (None
+    ignored); ``n_scores`` is the number of (row, item) scores the reference would hold.
 
     Raises ValueError for an unknown ``backend``, NotImplementedError when ``backend="triton"`` and
-    no Triton implementation of the op is registered, and ValueError when ``backend="triton"`` is
-    asked for tensors that are not on CUDA while the Triton interpreter is off.
+    no Triton implementation of the op is registered or ``backend="chunked"`` for an op without a
+    chunked version, and ValueError when ``backend="triton"`` is asked for tensors that are not on
+    CUDA while the Triton interpreter is off.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         allowed = ", ".join(repr(b) for b in BACKENDS)
         raise ValueError(f"{op_name}: backend must be one of {allowed}; got {backend!r}")
+    asked = backend
     if backend == "auto":
         backend = _AUTO[0]
     if backend == "reference":
         return "reference"
+    if backend == "chunked":
+        if op_name not in CHUNKED_OPS:
+            if asked == "auto":  # default_backend("chunked"): the other ops run the reference
+                return "reference"
+            raise NotImplementedError(
+                f"{op_name}: no chunked version exists for this op; chunked serves "
+                f"{', '.join(CHUNKED_OPS)}"
+            )
+        return "chunked"
     present = [t for t in tensors if t is not None]
     on_cuda = bool(present) and all(t.is_cuda for t in present)
     registered = triton_impl(op_name) is not None
     if backend == "auto":
-        return "triton" if (on_cuda and registered and triton_installed()) else "reference"
+        if on_cuda and registered and triton_installed():
+            return "triton"
+        if (op_name in CHUNKED_OPS and n_scores is not None and present
+                and over_budget(n_scores, present[0].dtype)):
+            return "chunked"
+        return "reference"
     # backend == "triton"
     if not registered:
         raise NotImplementedError(

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from s4rec_kernels import _dispatch, reference
+from s4rec_kernels import _dispatch, chunked, reference
 from s4rec_kernels._item_common import (INTERPRET_TILES, MAX_BLOCK_D, RANK_TILES, TOPK_TILES,
                                         _block_d, _check_hidden_items, _dot_types, _splits,
                                         _target_programs, _tiles)
@@ -375,7 +375,7 @@ def item_rank(
         exclude_indices: (E,) int64/int32 item rows in [0, V); user u excludes
             exclude_indices[exclude_indptr[u]:exclude_indptr[u + 1]]. Duplicates are allowed; the
             target is never excluded, even when listed.
-        backend: "auto", "reference" or "triton" (see ``_dispatch``).
+        backend: "auto", "reference", "triton" or "chunked" (see ``_dispatch``).
 
     Returns:
         (U,) int64, no gradient: the number of items i != targets[u], not excluded for u, with
@@ -386,7 +386,8 @@ def item_rank(
         The reference scores users in chunks of at most 2**24 (user, item) scores (one user at a
         time when V is larger), so the (U, V) score matrix never exists at once; the Triton
         backend writes nothing per (user, item) at all, and its fp32 scores are exact fma chains,
-        so an item whose embedding equals the target's always ties with it.
+        so an item whose embedding equals the target's always ties with it. The chunked backend
+        holds at most about ``_dispatch.LOGITS_BUDGET_MB`` of scores at once.
 
     Under torch.compile the targets and the CSR are not checked (reading values would break the
     graph): pass valid ones.
@@ -406,10 +407,12 @@ def item_rank(
         exclude_indptr, exclude_indices = _dispatch.check_csr(
             op, exclude_indptr, exclude_indices, n_users, n_items
         )
-    if _dispatch.resolve_backend(
-        op, backend, hidden, items, targets, exclude_indptr, exclude_indices
-    ) == "triton":
+    path = _dispatch.resolve_backend(op, backend, hidden, items, targets, exclude_indptr,
+                                     exclude_indices, n_scores=n_users * n_items)
+    if path == "triton":
         return _dispatch.triton_impl(op)(hidden, items, targets, exclude_indptr, exclude_indices)
+    if path == "chunked":
+        return chunked.item_rank(hidden, items, targets, exclude_indptr, exclude_indices)
     return reference.item_rank(hidden, items, targets, exclude_indptr, exclude_indices)
 
 
@@ -426,7 +429,7 @@ def item_topk(
         k: int, 1 <= k <= V.
         exclude_indptr, exclude_indices: optional CSR exclusion lists as in ``item_rank``; give
             both or neither.
-        backend: "auto", "reference" or "triton" (see ``_dispatch``).
+        backend: "auto", "reference", "triton" or "chunked" (see ``_dispatch``).
 
     Returns:
         (scores (U, k), indices (U, k) int64), best first, no gradient. Scores are float32
@@ -457,8 +460,10 @@ def item_topk(
         exclude_indptr, exclude_indices = _dispatch.check_csr(
             op, exclude_indptr, exclude_indices, n_users, n_items
         )
-    if _dispatch.resolve_backend(
-        op, backend, hidden, items, exclude_indptr, exclude_indices
-    ) == "triton":
+    path = _dispatch.resolve_backend(op, backend, hidden, items, exclude_indptr, exclude_indices,
+                                     n_scores=n_users * n_items)
+    if path == "triton":
         return _dispatch.triton_impl(op)(hidden, items, k, exclude_indptr, exclude_indices)
+    if path == "chunked":
+        return chunked.item_topk(hidden, items, k, exclude_indptr, exclude_indices)
     return reference.item_topk(hidden, items, k, exclude_indptr, exclude_indices)

@@ -62,7 +62,7 @@ from typing import Tuple
 
 import torch
 
-from s4rec_kernels import _dispatch, reference
+from s4rec_kernels import _dispatch, chunked, reference
 from s4rec_kernels._item_common import (CE_FWD_TILES, INTERPRET_TILES, MAX_BLOCK_D, _active_rows,
                                         _block_d, _check_hidden_items, _dot_types, _splits,
                                         _target_programs, _tiles)
@@ -301,7 +301,7 @@ def item_softmax_ce(
         targets: (N,) int64 or int32, each in [0, V) or equal to ``ignore_index``.
         ignore_index: target value of rows that take no part in the loss.
         reduction: "mean" (over non-ignored rows), "sum" or "none".
-        backend: "auto", "reference" or "triton" (see ``_dispatch``).
+        backend: "auto", "reference", "triton" or "chunked" (see ``_dispatch``).
 
     Returns:
         Row loss logsumexp_i(hidden[n] . items[i]) - hidden[n] . items[targets[n]], reduced
@@ -309,7 +309,8 @@ def item_softmax_ce(
         "sum" gives 0, "none" gives (N,) with 0 at ignored rows. Differentiable in hidden and
         items. float64 inputs give float64; every other dtype is computed in and returned as
         float32. The Triton backend never forms the (N, V) logits: beyond the inputs and the
-        gradients it keeps O(N) floats (and O(programs x block x d) of partial sums).
+        gradients it keeps O(N) floats (and O(programs x block x d) of partial sums); the
+        chunked backend holds at most about ``_dispatch.LOGITS_BUDGET_MB`` of logits at once.
 
     Under torch.compile the targets' range is not checked (reading values would break the
     graph); out-of-range targets then give a wrong loss, not a memory fault.
@@ -325,6 +326,10 @@ def item_softmax_ce(
         # it (the kernels mask every load through a target)
         _dispatch.check_index_range(op, "targets", targets, items.shape[0],
                                     allowed_extra=ignore_index)
-    if _dispatch.resolve_backend(op, backend, hidden, items, targets) == "triton":
+    path = _dispatch.resolve_backend(op, backend, hidden, items, targets,
+                                     n_scores=hidden.shape[0] * items.shape[0])
+    if path == "triton":
         return _dispatch.triton_impl(op)(hidden, items, targets, ignore_index, reduction)
+    if path == "chunked":
+        return chunked.item_softmax_ce(hidden, items, targets, ignore_index, reduction)
     return reference.item_softmax_ce(hidden, items, targets, ignore_index, reduction)

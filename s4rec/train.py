@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from s4rec_kernels._dispatch import default_backend, interpreter_enabled
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .checkpoint import Interrupted, StopFlag
 from .config import Config, ConfigError, parse_seeds, resolve, to_dict  # noqa: F401 (resolve)
 from .batches import make_augmenter, make_batch, training_pool, window  # noqa: F401 (tests)
@@ -241,6 +241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = resolve(argv)
         with default_backend(cfg.kernels):
+            if distributed.launched():  # torchrun: data parallel over its ranks
+                return distributed.main(cfg)
             if cfg.seeds:
                 run_seeds(cfg, parse_seeds(cfg.seeds))
             else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -234,7 +235,7 @@ def run(cfg: Config) -> Dict:
         say(f"resumed {run_dir} at epoch {state['epoch']} on {world} ranks")
     for p in model.parameters():  # rank 0's model, whatever happened elsewhere
         dist.broadcast(p.data, src=0)
-    say(f"data parallel over {world} ranks ({dist.get_backend()}), global batch {cfg.batch_size}")
+    say(f"data parallel over {world} rank(s) ({dist.get_backend()}), global batch {cfg.batch_size}")
     if rank == 0:
         checkpoint.save_json(to_dict(cfg), run_dir / "config.json")
         save_mapping(data, run_dir)
@@ -290,9 +291,14 @@ def run(cfg: Config) -> Dict:
     return results
 
 
+def _interrupt(signum, frame):
+    raise checkpoint.Interrupted(signum)
+
+
 def main(cfg: Config) -> int:
-    """Run under torchrun; any error is one line on the rank that met it, and a non-zero exit
-    (torchrun then ends the other ranks)."""
+    """Run under torchrun; any error, SIGTERM and SIGINT included, is one line on the rank that
+    met it, and a non-zero exit (torchrun then ends the other ranks)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(cfg)
     except Exception as err:  # noqa: BLE001 (every error ends this rank with one line)

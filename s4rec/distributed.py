@@ -223,15 +223,10 @@ def run(cfg: Config) -> Dict:
     model = S4Rec.from_config(data.n_items, cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     augmenter = make_augmenter(cfg, data, model.encoder.mask_id)
-    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_evals": 0,
-             "stopped": False, "history": []}
+    state = checkpoint.new_state()
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     if cfg.resume:
-        ckpt = checkpoint.load(last_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        state["stopped"] = state["bad_evals"] >= cfg.patience
+        state = checkpoint.restore(last_path, model, optimizer, device, cfg.patience)["state"]
         say(f"resumed {run_dir} at epoch {state['epoch']} on {world} ranks")
     for p in model.parameters():  # rank 0's model, whatever happened elsewhere
         dist.broadcast(p.data, src=0)

@@ -127,15 +127,10 @@ def run_one(cfg: Config) -> Dict:
     eval_args = dict(batch_size=cfg.eval_batch_size, exclude_history=cfg.exclude_history,
                      max_pad=cfg.max_pad)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_evals": 0,
-             "stopped": False, "history": []}
+    state = checkpoint.new_state()
     if cfg.resume:
-        ckpt = checkpoint.load(last_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = checkpoint.restore(last_path, model, optimizer, device, cfg.patience)
         state = ckpt["state"]
-        # an early-stopped run goes on when resumed with a larger --patience
-        state["stopped"] = state["bad_evals"] >= cfg.patience
         checkpoint.set_rng_state(ckpt["rng"], rng)
         write_log(run_dir, state["history"])
         print(f"resumed {run_dir} at epoch {state['epoch']}")

@@ -126,6 +126,22 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def new_state() -> Dict:
+    """The loop counters and history of a run that has not trained yet."""
+    return {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_evals": 0,
+            "stopped": False, "history": []}
+
+
+def restore(path: Path, model, optimizer, device, patience: int) -> Dict:
+    """Load a last.pt into ``model`` and ``optimizer``; returns the checkpoint. An early-stopped
+    run goes on when resumed with a larger patience."""
+    ckpt = load(path, device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    ckpt["state"]["stopped"] = ckpt["state"]["bad_evals"] >= patience
+    return ckpt
+
+
 def rng_state(generator: np.random.Generator) -> Dict:
     """Every generator's state as tensors and plain values (see :func:`set_rng_state`)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

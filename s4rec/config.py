@@ -88,6 +88,8 @@ class Config:
     resume: Optional[str] = None  # continue the run in this folder from its last checkpoint
     progress: bool = True  # show a progress bar per epoch
     tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
+    dist_backend: str = "auto"  # under torchrun: "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl"
+    dist_timeout: float = 300.0  # under torchrun: seconds a collective waits before the run fails
     config: Optional[str] = None  # a JSON file of settings (e.g. a run's config.json); flags given beside it win
 
     def resolved_epochs(self) -> int:
@@ -201,6 +203,8 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
             extra["choices"] = ("all", "length")
         if f.name == "kernels":
             extra["choices"] = ("auto", "reference", "triton")
+        if f.name == "dist_backend":
+            extra["choices"] = ("auto", "gloo", "nccl")
         metavar = {"data": "PATH", "run_dir": "DIR", "resume": "DIR", "seeds": "LIST",
                    "config": "FILE"}.get(
             f.name, type_name.upper())

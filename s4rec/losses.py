@@ -71,10 +71,12 @@ def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor], kin
     raise ValueError(f"sr_loss: kind must be 'ce', 'bce' or 'sampled', got {kind!r}")
 
 
-def cluster_scores(z: Tensor, prototypes: Tensor, eps: float, n_iters: int) -> Tuple[Tensor, Tensor]:
-    """Cosine scores (B, K) and the Sinkhorn equipartition target Q (B, K), no gradient (eqs. 3-6)."""
+def cluster_scores(z: Tensor, prototypes: Tensor, eps: float, n_iters: int,
+                   group=None) -> Tuple[Tensor, Tensor]:
+    """Cosine scores (B, K) and the Sinkhorn equipartition target Q (B, K), no gradient (eqs. 3-6).
+    With a process group, Q is this rank's rows of the target over every rank's users."""
     scores = F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).T  # (B, K)
-    return scores, sinkhorn(scores.detach(), eps, n_iters)
+    return scores, sinkhorn(scores.detach(), eps, n_iters, group=group)
 
 
 def cluster_loss(scores: Tensor, q: Tensor, tau: float) -> Tensor:
@@ -83,11 +85,12 @@ def cluster_loss(scores: Tensor, q: Tensor, tau: float) -> Tensor:
 
 
 def contrast_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau: float,
-                  normalize: bool) -> Tensor:
-    """InfoNCE with in-batch and prototype negatives, the own cluster left out (eqs. 8-10)."""
+                  normalize: bool, group=None) -> Tensor:
+    """InfoNCE with in-batch and prototype negatives, the own cluster left out (eqs. 8-10).
+    With a process group: this rank's share, its anchors against every rank's views."""
     if normalize:
         z1, z2, prototypes = (F.normalize(t, dim=1) for t in (z1, z2, prototypes))
-    return info_nce_proto(z1, z2, prototypes, assign, tau)
+    return info_nce_proto(z1, z2, prototypes, assign, tau, group=group)
 
 
 def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau: float,
@@ -106,7 +109,8 @@ def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau
     return total
 
 
-def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+def compute_losses(model: S4Rec, batch: Batch, cfg: Config,
+                   group=None) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
     """Every active term of the objective, unweighted, and the users' assigned clusters h(u).
 
     The clustering, contrast and distillation terms see z through the projection head (identity
@@ -123,7 +127,7 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, T
             with torch.no_grad():
                 assign = (F.normalize(zp, dim=1) @ F.normalize(model.prototypes, dim=1).T).argmax(1)
         else:
-            scores, q = cluster_scores(zp, model.prototypes, cfg.eps, cfg.sinkhorn_iters)
+            scores, q = cluster_scores(zp, model.prototypes, cfg.eps, cfg.sinkhorn_iters, group)
             assign = q.argmax(1)  # (B,)
             if w["clust"] > 0:
                 terms["clust"] = cluster_loss(scores, q.to(scores.dtype), cfg.tau1)
@@ -131,7 +135,8 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config) -> Tuple[Dict[str, T
         z1 = model.project(model.encoder.encode(batch.view1)[0])
         z2 = model.project(model.encoder.encode(batch.view2)[0])
         if w["scl"] > 0:
-            terms["scl"] = contrast_loss(z1, z2, model.prototypes, assign, cfg.tau2, cfg.normalize)
+            terms["scl"] = contrast_loss(z1, z2, model.prototypes, assign, cfg.tau2, cfg.normalize,
+                                         group)
         if w["ckd"] > 0:
             terms["ckd"] = distill_loss(z1, z2, model.prototypes, assign, cfg.tau3, cfg.normalize)
     if w["adv"] > 0:

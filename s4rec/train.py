@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from s4rec_kernels._dispatch import default_backend, interpreter_enabled, logits_budget
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .checkpoint import Interrupted, StopFlag
 from .config import Config, ConfigError, parse_seeds, resolve, to_dict  # noqa: F401 (resolve)
 from .batches import make_augmenter, make_batch, training_pool, window  # noqa: F401 (tests)
@@ -127,15 +127,10 @@ def run_one(cfg: Config) -> Dict:
     eval_args = dict(batch_size=cfg.eval_batch_size, exclude_history=cfg.exclude_history,
                      max_pad=cfg.max_pad)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_evals": 0,
-             "stopped": False, "history": []}
+    state = checkpoint.new_state()
     if cfg.resume:
-        ckpt = checkpoint.load(last_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = checkpoint.restore(last_path, model, optimizer, device, cfg.patience)
         state = ckpt["state"]
-        # an early-stopped run goes on when resumed with a larger --patience
-        state["stopped"] = state["bad_evals"] >= cfg.patience
         checkpoint.set_rng_state(ckpt["rng"], rng)
         write_log(run_dir, state["history"])
         print(f"resumed {run_dir} at epoch {state['epoch']}")
@@ -241,6 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = resolve(argv)
         with default_backend(cfg.kernels), logits_budget(cfg.logits_budget_mb):
+            if distributed.launched():  # torchrun: data parallel over its ranks
+                return distributed.main(cfg)
             if cfg.seeds:
                 run_seeds(cfg, parse_seeds(cfg.seeds))
             else:

@@ -34,7 +34,7 @@ from typing import Tuple
 
 import torch
 
-from s4rec_kernels import _dispatch, reference
+from s4rec_kernels import _dispatch, distributed, reference
 from s4rec_kernels._launch import on_device
 
 try:
@@ -439,7 +439,7 @@ if triton is not None:
 
 def info_nce_proto(
     z1: torch.Tensor, z2: torch.Tensor, protos: torch.Tensor, assign: torch.Tensor,
-    tau: float, *, backend: str = "auto",
+    tau: float, *, backend: str = "auto", group=None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE loss of two views whose negatives include the other prototypes.
 
@@ -449,6 +449,9 @@ def info_nce_proto(
         assign: (B,) int64 or int32 in [0, K), the prototype each user is assigned to.
         tau: temperature, > 0.
         backend: "auto", "reference" or "triton" (see ``_dispatch``).
+        group: a torch.distributed process group (see ``distributed``): z1, z2 and assign are
+            this rank's rows; the result is this rank's anchors' share of the loss over every
+            rank's rows (their sum over the ranks is that loss).
         z1, z2 and protos share one float dtype (float16/bfloat16/float32/float64) and device.
 
     Returns:
@@ -481,6 +484,9 @@ def info_nce_proto(
         # skips it; the kernels only compare assign with key indices, never load through it
         _dispatch.check_index_range(OP, "assign", assign, protos.shape[0])
     tau = _dispatch.check_positive(OP, "tau", tau)
-    if _dispatch.resolve_backend(OP, backend, z1, z2, protos, assign) == "triton":
+    use_triton = _dispatch.resolve_backend(OP, backend, z1, z2, protos, assign) == "triton"
+    if group is not None:
+        return distributed.info_nce_proto(z1, z2, protos, assign, tau, group)
+    if use_triton:
         return _dispatch.triton_impl(OP)(z1, z2, protos, assign, tau)
     return reference.info_nce_proto(z1, z2, protos, assign, tau)

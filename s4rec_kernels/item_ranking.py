@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from s4rec_kernels import _dispatch, chunked, reference
+from s4rec_kernels import _dispatch, chunked, distributed, reference
 from s4rec_kernels._item_common import (INTERPRET_TILES, MAX_BLOCK_D, RANK_TILES, TOPK_TILES,
                                         _block_d, _check_hidden_items, _dot_types, _splits,
                                         _target_programs, _tiles)
@@ -363,6 +363,7 @@ if triton is not None:
 def item_rank(
     hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
     exclude_indptr: torch.Tensor, exclude_indices: torch.Tensor, *, backend: str = "auto",
+    shard=None,
 ) -> torch.Tensor:
     """0-based rank of each user's target among all non-excluded items (full ranking).
 
@@ -393,6 +394,9 @@ def item_rank(
     graph): pass valid ones.
     """
     op = "item_rank"
+    if shard is not None:  # vocabulary parallel (see ``distributed``): global target ids
+        return distributed.item_rank(hidden, items, targets, exclude_indptr, exclude_indices,
+                                     shard, backend)
     _check_hidden_items(op, hidden, items, "U")
     n_users, n_items = hidden.shape[0], items.shape[0]
     targets = _dispatch.check_index(op, "targets", targets, n_users)
@@ -419,7 +423,7 @@ def item_rank(
 def item_topk(
     hidden: torch.Tensor, items: torch.Tensor, k: int,
     exclude_indptr: Optional[torch.Tensor] = None, exclude_indices: Optional[torch.Tensor] = None,
-    *, backend: str = "auto",
+    *, backend: str = "auto", shard=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The k best non-excluded items of each user.
 
@@ -440,6 +444,9 @@ def item_topk(
         slots. Chunked over users like ``item_rank``.
     """
     op = "item_topk"
+    if shard is not None:  # vocabulary parallel (see ``distributed``): global item ids
+        return distributed.item_topk(hidden, items, k, exclude_indptr, exclude_indices, shard,
+                                     backend)
     _check_hidden_items(op, hidden, items, "U")
     n_users, n_items = hidden.shape[0], items.shape[0]
     k = _dispatch.check_int(op, "k", k, 1, n_items)

@@ -62,7 +62,7 @@ from typing import Tuple
 
 import torch
 
-from s4rec_kernels import _dispatch, chunked, reference
+from s4rec_kernels import _dispatch, chunked, distributed, reference
 from s4rec_kernels._item_common import (CE_FWD_TILES, INTERPRET_TILES, MAX_BLOCK_D, _active_rows,
                                         _block_d, _check_hidden_items, _dot_types, _splits,
                                         _target_programs, _tiles)
@@ -291,7 +291,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def item_softmax_ce(
     hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, *,
-    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
+    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", shard=None,
 ) -> torch.Tensor:
     """Cross-entropy of the softmax over all V items, without a bias.
 
@@ -302,6 +302,9 @@ def item_softmax_ce(
         ignore_index: target value of rows that take no part in the loss.
         reduction: "mean" (over non-ignored rows), "sum" or "none".
         backend: "auto", "reference", "triton" or "chunked" (see ``_dispatch``).
+        shard: a ``VocabShard(start, stop, group)`` for vocabulary parallelism (see
+            ``distributed``): items are rows [start, stop) of the table (possibly none), targets
+            are global item ids, hidden and targets are this rank's rows.
 
     Returns:
         Row loss logsumexp_i(hidden[n] . items[i]) - hidden[n] . items[targets[n]], reduced
@@ -316,6 +319,9 @@ def item_softmax_ce(
     graph); out-of-range targets then give a wrong loss, not a memory fault.
     """
     op = "item_softmax_ce"
+    if shard is not None:
+        return distributed.item_softmax_ce(hidden, items, targets, ignore_index, reduction,
+                                           shard, backend)
     _check_hidden_items(op, hidden, items, "N")
     targets = _dispatch.check_index(op, "targets", targets, hidden.shape[0])
     _dispatch.check_same_device(op, ("hidden", hidden), ("items", items), ("targets", targets))

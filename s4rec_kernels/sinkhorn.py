@@ -60,7 +60,7 @@ import math
 
 import torch
 
-from s4rec_kernels import _dispatch, reference
+from s4rec_kernels import _dispatch, distributed, reference
 from s4rec_kernels._launch import on_device, programs_per_device
 
 try:
@@ -455,7 +455,8 @@ if triton is not None:
 
 
 def sinkhorn(
-    scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *, backend: str = "auto"
+    scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *, backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """SwAV's Sinkhorn-Knopp soft assignment of B users to K prototypes.
 
@@ -464,6 +465,8 @@ def sinkhorn(
         eps: entropic temperature, > 0. Q starts proportional to exp(scores / eps).
         n_iters: number of {columns to 1/K, rows to 1/B} rounds, >= 0.
         backend: "auto", "reference" or "triton" (see ``_dispatch``).
+        group: a torch.distributed process group (see ``distributed``): scores are this rank's
+            rows and the result is this rank's rows of the Q over every rank's rows.
 
     Returns:
         Q (B, K), not requiring grad: normalised to total 1, then ``n_iters`` times each column
@@ -480,6 +483,9 @@ def sinkhorn(
         raise ValueError(f"{OP}: scores has shape {tuple(scores.shape)}; expected B >= 1 rows")
     eps = _dispatch.check_positive(OP, "eps", eps)
     n_iters = _dispatch.check_int(OP, "n_iters", n_iters, 0)
-    if _dispatch.resolve_backend(OP, backend, scores) == "triton":
+    use_triton = _dispatch.resolve_backend(OP, backend, scores) == "triton"
+    if group is not None:
+        return distributed.sinkhorn(scores, eps, n_iters, group)
+    if use_triton:
         return _dispatch.triton_impl(OP)(scores, eps, n_iters)
     return reference.sinkhorn(scores, eps, n_iters)

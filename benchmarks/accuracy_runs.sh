@@ -39,7 +39,8 @@ for group in $GROUPS_WANTED; do
             run beauty-sr-s1 "SR-only" $B --preset beauty --ablation sr-only --seed 1
             run beauty-paper-s1 "S4Rec (paper weights)" $B --preset paper --seed 1 ;;
         ablations)
-            run beauty-nocsd-s1 "w/o CSD" $B --preset beauty --ablation no-csd --seed 1
+            run beauty-nocsd-s1 "w/o CSD and L_clust" $B --preset beauty --ablation no-ssl --seed 1
+            run beauty-nocsd-clust-s1 "w/o CSD" $B --preset beauty --ablation no-csd --seed 1
             run beauty-nogr-s1 "w/o GR" $B --preset beauty --ablation no-gr --seed 1 ;;
         seeds)
             for seed in 2 3; do

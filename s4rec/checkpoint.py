@@ -74,9 +74,13 @@ def load(path: Path, device) -> Dict:
         raise CheckpointError(_refusal(path)) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({first_line(err)})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("rng"), dict):
-        raise CheckpointError(f"{path}: not a last.pt of s4rec.train (no RNG state)")
-    found = ckpt["rng"].get("format", 1)
+    keys = ("model", "optimizer", "state", "rng")
+    # rng is None from the torchrun trainer, whose random streams come from the seed and epoch
+    if (not isinstance(ckpt, dict) or not set(keys) <= set(ckpt)
+            or not isinstance(ckpt["rng"], (dict, type(None)))):
+        raise CheckpointError(f"{path}: not a last.pt of s4rec.train (a dict of "
+                              f"{', '.join(keys)})")
+    found = FORMAT if ckpt["rng"] is None else ckpt["rng"].get("format", 1)
     if found != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {found!r}, this version reads format "
                               f"{FORMAT}; start the run again")

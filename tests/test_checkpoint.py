@@ -110,14 +110,24 @@ def test_resume_names_the_older_format(tmp_path):
 
 @pytest.mark.parametrize("payload, message", [
     (b"not a checkpoint", "cannot read the checkpoint"),
-    ({"model": {}}, "no RNG state"),
-    ({"model": {}, "rng": {"format": 7}}, "checkpoint format 7"),
+    ({"model": {}}, "not a last.pt of s4rec.train"),
+    ({"model": {}, "optimizer": {}, "state": {}, "rng": {"format": 7}}, "checkpoint format 7"),
+    ({"model": {}, "optimizer": {}, "state": {}, "rng": [1, 2]}, "not a last.pt"),
 ])
 def test_unreadable_checkpoints_are_one_line(tmp_path, payload, message):
     run_dir = _run_dir(tmp_path, payload)
     with pytest.raises(checkpoint.CheckpointError, match=message) as err:
         checkpoint.load(run_dir / "last.pt", "cpu")
     assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_without_rng_state_loads(tmp_path):
+    # the torchrun trainer draws every random number from the seed and epoch: it saves rng=None
+    saved = {"model": {"w": torch.ones(2)}, "optimizer": {}, "state": {"epoch": 3}, "rng": None}
+    run_dir = _run_dir(tmp_path, saved)
+    ckpt = checkpoint.load(run_dir / "last.pt", "cpu")
+    assert ckpt["rng"] is None and ckpt["state"] == {"epoch": 3}
+    assert torch.equal(ckpt["model"]["w"], torch.ones(2))
 
 
 def test_no_checkpoint_is_loaded_with_weights_only_false():

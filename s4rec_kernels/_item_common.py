@@ -125,13 +125,15 @@ def _block_d(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _tiles(table: dict, block_d: int, dtype: torch.dtype, device: torch.device) -> Tuple[int, ...]:
-    """(BLOCK_rows, BLOCK_items, num_warps, num_stages) for a kernel on ``device``."""
-    if device.type != "cuda":
+def _tiles(table: dict, block_d: int, dtype: torch.dtype, arch: Optional[int],
+           fp32: str) -> Tuple[int, ...]:
+    """(BLOCK_rows, BLOCK_items, num_warps, num_stages) for a kernel on CUDA architecture
+    ``arch`` (None: the interpreter); ``fp32`` is the dot precision of fp32 inputs."""
+    if arch is None:
         return INTERPRET_TILES + (4, 1)
     kind = "half"
     if dtype == torch.float32:
-        kind = "ieee" if _dot_types(dtype, device)[1] == "ieee" and "ieee" in table else "fp32"
+        kind = "ieee" if fp32 == "ieee" and "ieee" in table else "fp32"
     return table[kind][block_d]
 
 
@@ -140,16 +142,21 @@ def _tiles(table: dict, block_d: int, dtype: torch.dtype, device: torch.device) 
 _FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 
 
-def _dot_types(dtype: torch.dtype, device: torch.device):
-    """(DOT_DTYPE, PRECISION, GRAD_DTYPE, GRAD_PRECISION) for inputs of ``dtype``."""
-    if device.type != "cuda":  # the interpreter: every operand in fp32
+def fp32_dot_precision() -> str:
+    """tl.dot input precision of fp32 operands under torch's current matmul precision."""
+    return _FP32_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+
+
+def _dot_types(dtype: torch.dtype, arch: Optional[int], fp32: str):
+    """(DOT_DTYPE, PRECISION, GRAD_DTYPE, GRAD_PRECISION) for inputs of ``dtype`` on CUDA
+    architecture ``arch`` (None: the interpreter), fp32 dots at precision ``fp32``."""
+    if arch is None:  # the interpreter: every operand in fp32
         return tl.float32, "ieee", tl.float32, "ieee"
     if dtype == torch.bfloat16:
         return tl.bfloat16, "tf32", tl.bfloat16, "tf32"
     if dtype == torch.float16:
         return tl.float16, "tf32", tl.float32, "tf32"
-    precision = _FP32_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
-    return tl.float32, precision, tl.float32, precision
+    return tl.float32, fp32, tl.float32, fp32
 
 
 def _active_rows(targets: torch.Tensor, ignore_index: int) -> Tuple[Optional[torch.Tensor], int]:

@@ -11,13 +11,14 @@ Why two kernels that recompute the logits, without atomics: see item_softmax.py'
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from s4rec_kernels._item_common import (CE_DE_TILES, CE_DH_TILES, _active_rows, _block_d,
-                                        _dot_types, _splits, _target_programs, _tiles)
-from s4rec_kernels._launch import on_device
+                                        _dot_types, _splits, _target_programs, _tiles,
+                                        fp32_dot_precision)
+from s4rec_kernels._launch import Launch, device_arch, on_device
 
 try:
     import triton
@@ -173,6 +174,41 @@ def _store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def ce_dh_launch(n_active: int, n_items: int, dim: int, dtype: torch.dtype, has_rows: bool,
+                 arch: Optional[int], programs: int, fp32: str) -> Tuple[Launch, int, int]:
+    """(grad_hidden launch, ranges, item tiles per range); arguments as ce_forward_launches'.
+    Several ranges write fp32 partials (OUT_COMPACT), one range grad_hidden itself."""
+    block_d = _block_d(dim)
+    block_n, block_v, warps, stages = _tiles(CE_DH_TILES, block_d, dtype, arch, fp32)
+    dot_dtype, precision, grad_dtype, grad_precision = _dot_types(dtype, arch, fp32)
+    n_row_blocks = triton.cdiv(n_active, block_n)
+    n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v), programs)
+    launch = Launch(_ce_bwd_dh_kernel, (n_row_blocks * n_splits,),
+                    dict(HAS_ROWS=has_rows, OUT_COMPACT=n_splits > 1,
+                         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+                         DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
+                         PRECISION=precision, GRAD_PRECISION=grad_precision), warps, stages)
+    return launch, n_splits, tiles_per_split
+
+
+def ce_de_launch(n_active: int, n_items: int, dim: int, dtype: torch.dtype, has_rows: bool,
+                 arch: Optional[int], programs: int, fp32: str) -> Tuple[Launch, int, int]:
+    """(grad_items launch, ranges, row blocks per range); arguments as ce_forward_launches'.
+    Several ranges write fp32 partials, one range grad_items itself."""
+    block_d = _block_d(dim)
+    block_n, block_v, warps, stages = _tiles(CE_DE_TILES, block_d, dtype, arch, fp32)
+    dot_dtype, precision, grad_dtype, grad_precision = _dot_types(dtype, arch, fp32)
+    n_item_blocks = triton.cdiv(n_items, block_v)
+    n_splits, blocks_per_split = _splits(n_item_blocks, triton.cdiv(n_active, block_n), programs)
+    launch = Launch(_ce_bwd_de_kernel, (n_item_blocks * n_splits,),
+                    dict(HAS_ROWS=has_rows,
+                         TRANS_LOGITS=arch is not None and precision == "ieee",
+                         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+                         DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
+                         PRECISION=precision, GRAD_PRECISION=grad_precision), warps, stages)
+    return launch, n_splits, blocks_per_split
+
+
 def ce_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, items: torch.Tensor,
                 targets: torch.Tensor, stats: torch.Tensor, ignore_index: int,
                 need_hidden: bool, need_items: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -183,10 +219,11 @@ def ce_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, items: torch.Tens
     device = hidden.device
     rows, n_active = _active_rows(targets, ignore_index)
     has_rows = rows is not None
-    block_d = _block_d(dim)
-    dot_dtype, precision, grad_dtype, grad_precision = _dot_types(hidden.dtype, device)
-    target = _target_programs(device)
+    setting = (n_active, n_items, dim, hidden.dtype, has_rows, device_arch(device),
+               _target_programs(device), fp32_dot_precision())
     grad_rows = grad_rows.to(torch.float32)
+    strides = (hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
+               grad_rows.stride(0))
     dh = hidden.new_empty(0, dim)
     de = items.new_empty(0, dim)
 
@@ -194,25 +231,14 @@ def ce_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, items: torch.Tens
         store = _store_dtype(hidden.dtype, device)
         dh = (torch.empty if rows is None else torch.zeros)(n_rows, dim, dtype=store, device=device)
         if n_active > 0:
-            block_n, block_v, warps, stages = _tiles(CE_DH_TILES, block_d, hidden.dtype, device)
-            n_row_blocks = triton.cdiv(n_active, block_n)
-            n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v), target)
+            launch, n_splits, tiles_per_split = ce_dh_launch(*setting)
             compact = n_splits > 1
             out = (torch.empty(n_splits, n_active, dim, dtype=torch.float32, device=device)
                    if compact else dh)
             with on_device(device):
-                _ce_bwd_dh_kernel[(n_row_blocks * n_splits,)](
-                    hidden, items, targets, rows, stats, grad_rows, out,
-                    n_active, n_rows, n_items, dim, tiles_per_split,
-                    hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
-                    grad_rows.stride(0), out.stride(0) if compact else 0,
-                    out.stride(-2), out.stride(-1),
-                    HAS_ROWS=has_rows, OUT_COMPACT=compact,
-                    BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                    DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
-                    PRECISION=precision, GRAD_PRECISION=grad_precision,
-                    num_warps=warps, num_stages=stages,
-                )
+                launch(hidden, items, targets, rows, stats, grad_rows, out,
+                       n_active, n_rows, n_items, dim, tiles_per_split, *strides,
+                       out.stride(0) if compact else 0, out.stride(-2), out.stride(-1))
             if compact:
                 summed = out.sum(0)  # ranges in a fixed order: deterministic
                 if rows is None:
@@ -223,27 +249,15 @@ def ce_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, items: torch.Tens
 
     if need_items:
         store = _store_dtype(items.dtype, device)
-        block_n, block_v, warps, stages = _tiles(CE_DE_TILES, block_d, items.dtype, device)
-        n_item_blocks = triton.cdiv(n_items, block_v)
-        n_row_blocks = triton.cdiv(n_active, block_n)
         if n_active == 0:
             de = torch.zeros(n_items, dim, dtype=items.dtype, device=device)
         else:
-            n_splits, blocks_per_split = _splits(n_item_blocks, n_row_blocks, target)
+            launch, n_splits, blocks_per_split = ce_de_launch(*setting)
             out = (torch.empty(n_splits, n_items, dim, dtype=torch.float32, device=device)
                    if n_splits > 1 else torch.empty(n_items, dim, dtype=store, device=device))
             with on_device(device):
-                _ce_bwd_de_kernel[(n_item_blocks * n_splits,)](
-                    hidden, items, targets, rows, stats, grad_rows, out,
-                    n_active, n_rows, n_items, dim, blocks_per_split,
-                    hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
-                    grad_rows.stride(0), out.stride(0) if n_splits > 1 else 0,
-                    out.stride(-2), out.stride(-1),
-                    HAS_ROWS=has_rows, TRANS_LOGITS=device.type == "cuda" and precision == "ieee",
-                    BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                    DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
-                    PRECISION=precision, GRAD_PRECISION=grad_precision,
-                    num_warps=warps, num_stages=stages,
-                )
+                launch(hidden, items, targets, rows, stats, grad_rows, out,
+                       n_active, n_rows, n_items, dim, blocks_per_split, *strides,
+                       out.stride(0) if n_splits > 1 else 0, out.stride(-2), out.stride(-1))
             de = (out.sum(0) if n_splits > 1 else out).to(items.dtype)
     return dh, de

@@ -35,7 +35,7 @@ from typing import Tuple
 import torch
 
 from s4rec_kernels import _dispatch, distributed, reference
-from s4rec_kernels._launch import on_device
+from s4rec_kernels._launch import Launch, on_device
 
 try:
     import triton
@@ -310,6 +310,21 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
     return "tf32", "tf32x3"
 
 
+def info_nce_launches(n_views: int, n_keys: int, dim: int, dtype: torch.dtype,
+                      block_m: int, block_n: int, num_warps: int) -> Tuple[Launch, Launch, Launch]:
+    """(forward, dQ, dK) launches for 2B = 2 ``n_views`` anchors and ``n_keys`` keys of width
+    ``dim`` in ``dtype``, with the tiles of ``_launch_config``."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    qk_precision, grad_precision = _precisions(dtype)
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, QK_PRECISION=qk_precision)
+    grads = dict(tiles, GRAD_PRECISION=grad_precision)
+    n_anchor_blocks = triton.cdiv(2 * n_views, block_m)
+    return (Launch(_info_nce_fwd_kernel, (n_anchor_blocks,), tiles, num_warps, NUM_STAGES),
+            Launch(_info_nce_bwd_dq_kernel, (n_anchor_blocks,), grads, num_warps, NUM_STAGES),
+            Launch(_info_nce_bwd_dk_kernel, (triton.cdiv(n_keys, block_n),), grads, num_warps,
+                   NUM_STAGES))
+
+
 def info_nce_fwd(
     keys: torch.Tensor, assign: torch.Tensor, n_views: int, tau: float,
     block_m: int, block_n: int, num_warps: int,
@@ -323,15 +338,10 @@ def info_nce_fwd(
     lse2 = torch.empty(n_rows, dtype=compute, device=keys.device)
     loss2 = torch.empty(n_rows, dtype=compute, device=keys.device)
     consts = torch.full((1,), math.log2(math.e) / tau, dtype=compute, device=keys.device)
-    qk_precision, _ = _precisions(keys.dtype)
+    fwd, _, _ = info_nce_launches(n_views, n_keys, dim, keys.dtype, block_m, block_n, num_warps)
     with on_device(keys.device):
-        _info_nce_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-            keys, assign, consts, lse2, loss2,
-            n_views, n_keys, dim,
-            keys.stride(0), keys.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-            QK_PRECISION=qk_precision, num_warps=num_warps, num_stages=NUM_STAGES,
-        )
+        fwd(keys, assign, consts, lse2, loss2, n_views, n_keys, dim,
+            keys.stride(0), keys.stride(1))
     return lse2, loss2
 
 
@@ -351,27 +361,15 @@ def info_nce_bwd(
     dq = torch.empty(n_rows, dim, dtype=compute, device=keys.device)
     neg_mass = torch.empty(n_rows, dtype=compute, device=keys.device)
     dkeys = torch.empty_like(keys)
-    block_d = max(16, triton.next_power_of_2(dim))
-    qk_precision, grad_precision = _precisions(keys.dtype)
+    _, dq_launch, dk_launch = info_nce_launches(n_views, n_keys, dim, keys.dtype,
+                                                block_m, block_n, num_warps)
     with on_device(keys.device):
-        _info_nce_bwd_dq_kernel[(triton.cdiv(n_rows, block_m),)](
-            keys, assign, consts, lse2, dq, neg_mass,
-            n_views, n_keys, dim,
-            keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            QK_PRECISION=qk_precision, GRAD_PRECISION=grad_precision,
-            num_warps=num_warps, num_stages=NUM_STAGES,
-        )
+        dq_launch(keys, assign, consts, lse2, dq, neg_mass, n_views, n_keys, dim,
+                  keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1))
         # reads dq and neg_mass: runs after the dQ kernel, on the same stream
-        _info_nce_bwd_dk_kernel[(triton.cdiv(n_keys, block_n),)](
-            keys, assign, consts, lse2, dq, neg_mass, dkeys,
-            n_views, n_keys, dim,
-            keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
-            dkeys.stride(0), dkeys.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            QK_PRECISION=qk_precision, GRAD_PRECISION=grad_precision,
-            num_warps=num_warps, num_stages=NUM_STAGES,
-        )
+        dk_launch(keys, assign, consts, lse2, dq, neg_mass, dkeys, n_views, n_keys, dim,
+                  keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
+                  dkeys.stride(0), dkeys.stride(1))
     return dkeys
 
 

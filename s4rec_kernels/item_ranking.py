@@ -32,8 +32,8 @@ import torch
 from s4rec_kernels import _dispatch, chunked, distributed, reference
 from s4rec_kernels._item_common import (INTERPRET_TILES, MAX_BLOCK_D, RANK_TILES, TOPK_TILES,
                                         _block_d, _check_hidden_items, _dot_types, _splits,
-                                        _target_programs, _tiles)
-from s4rec_kernels._launch import on_device
+                                        _target_programs, _tiles, fp32_dot_precision)
+from s4rec_kernels._launch import Launch, device_arch, on_device
 
 try:
     import triton
@@ -237,6 +237,21 @@ def _sorted_exclusions(indptr: torch.Tensor, indices: torch.Tensor, n_items: int
     return keys - owner * n_items  # owner is sorted already, so it still matches
 
 
+def rank_launch(n_users: int, n_items: int, has_exclude: bool, arch: Optional[int],
+                programs: int) -> Tuple[Launch, int, int]:
+    """(rank launch, item ranges, item tiles per range) on CUDA architecture ``arch`` (None: the
+    interpreter); ``programs`` is what the range split aims for."""
+    if arch is not None:
+        block_u, block_v, warps = RANK_TILES
+    else:
+        (block_u, block_v), warps = INTERPRET_TILES, 4
+    n_user_blocks = triton.cdiv(n_users, block_u)
+    n_splits, tiles_per_split = _splits(n_user_blocks, triton.cdiv(n_items, block_v), programs)
+    launch = Launch(_rank_kernel, (n_user_blocks * n_splits,),
+                    dict(HAS_EXCLUDE=has_exclude, BLOCK_U=block_u, BLOCK_V=block_v), warps)
+    return launch, n_splits, tiles_per_split
+
+
 def rank_forward(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
                  indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """(U,) int64 ranks (see ``item_rank``)."""
@@ -245,23 +260,15 @@ def rank_forward(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tenso
     device = hidden.device
     if n_users == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
-    if device.type == "cuda":
-        block_u, block_v, warps = RANK_TILES
-    else:
-        (block_u, block_v), warps = INTERPRET_TILES, 4
-    n_user_blocks = triton.cdiv(n_users, block_u)
-    n_splits, tiles_per_split = _splits(n_user_blocks, triton.cdiv(n_items, block_v),
-                                        _target_programs(device))
     has_exclude = indices.numel() > 0
+    launch, n_splits, tiles_per_split = rank_launch(n_users, n_items, has_exclude,
+                                                    device_arch(device), _target_programs(device))
     sorted_indices = _sorted_exclusions(indptr, indices, n_items) if has_exclude else indices
     counts = torch.empty(n_splits, n_users, dtype=torch.int32, device=device)
     with on_device(device):
-        _rank_kernel[(n_user_blocks * n_splits,)](
-            hidden, items, targets, sorted_indices, indptr, counts,
-            n_users, n_items, dim, tiles_per_split,
-            hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
-            HAS_EXCLUDE=has_exclude, BLOCK_U=block_u, BLOCK_V=block_v, num_warps=warps,
-        )
+        launch(hidden, items, targets, sorted_indices, indptr, counts,
+               n_users, n_items, dim, tiles_per_split,
+               hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1))
     return counts.sum(0, dtype=torch.int64)
 
 
@@ -275,6 +282,24 @@ def _decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return scores.masked_fill(missing, -math.inf), index.masked_fill(missing, -1)
 
 
+def topk_launch(n_users: int, n_items: int, dim: int, k: int, dtype: torch.dtype,
+                has_exclude: bool, arch: Optional[int], programs: int, fp32: str
+                ) -> Tuple[Launch, int, int]:
+    """(top-k launch, item ranges, item tiles per range); the grid is (user blocks, ranges).
+    Arguments as rank_launch's, ``fp32`` the dot precision of fp32 inputs."""
+    block_d = _block_d(dim)
+    block_u, block_v, warps, stages = _tiles(TOPK_TILES, block_d, dtype, arch, fp32)
+    dot_dtype, precision, _, _ = _dot_types(dtype, arch, fp32)
+    n_user_blocks = triton.cdiv(n_users, block_u)
+    n_splits, tiles_per_split = _splits(n_user_blocks, triton.cdiv(n_items, block_v), programs)
+    launch = Launch(_topk_kernel, (n_user_blocks, n_splits),
+                    dict(HAS_EXCLUDE=has_exclude, BLOCK_U=block_u, BLOCK_V=block_v,
+                         BLOCK_K=max(16, triton.next_power_of_2(k)),  # the list width
+                         BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision),
+                    warps, stages)
+    return launch, n_splits, tiles_per_split
+
+
 def topk_forward(hidden: torch.Tensor, items: torch.Tensor, k: int,
                  indptr: Optional[torch.Tensor], indices: Optional[torch.Tensor]
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -285,28 +310,20 @@ def topk_forward(hidden: torch.Tensor, items: torch.Tensor, k: int,
     if n_users == 0:
         return (torch.zeros(0, k, dtype=torch.float32, device=device),
                 torch.zeros(0, k, dtype=torch.int64, device=device))
-    block_d = _block_d(dim)
-    block_u, block_v, warps, stages = _tiles(TOPK_TILES, block_d, hidden.dtype, device)
-    block_k = max(16, triton.next_power_of_2(k))  # the list width
-    dot_dtype, precision, _, _ = _dot_types(hidden.dtype, device)
-    n_user_blocks = triton.cdiv(n_users, block_u)
-    n_splits, tiles_per_split = _splits(n_user_blocks, triton.cdiv(n_items, block_v),
-                                        _target_programs(device))
     has_exclude = indices is not None and indices.numel() > 0
+    launch, n_splits, tiles_per_split = topk_launch(
+        n_users, n_items, dim, k, hidden.dtype, has_exclude, device_arch(device),
+        _target_programs(device), fp32_dot_precision())
     if has_exclude:
         sorted_indices = _sorted_exclusions(indptr, indices, n_items)
     else:
         sorted_indices = indptr = torch.zeros(1, dtype=torch.int64, device=device)
-    keys = torch.empty(n_splits, n_users, block_k, dtype=torch.int64, device=device)
+    keys = torch.empty(n_splits, n_users, launch.meta["BLOCK_K"], dtype=torch.int64,
+                       device=device)
     with on_device(device):
-        _topk_kernel[(n_user_blocks, n_splits)](
-            hidden, items, sorted_indices, indptr, keys,
-            n_users, n_items, dim, tiles_per_split, k,
-            hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
-            HAS_EXCLUDE=has_exclude, BLOCK_U=block_u, BLOCK_V=block_v, BLOCK_K=block_k,
-            BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            num_warps=warps, num_stages=stages,
-        )
+        launch(hidden, items, sorted_indices, indptr, keys,
+               n_users, n_items, dim, tiles_per_split, k,
+               hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1))
     if n_splits == 1:
         best = keys[0, :, :k]
     else:  # merge the ranges' lists: keys order like (score, -index)

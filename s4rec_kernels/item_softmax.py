@@ -58,16 +58,16 @@ faithful).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from s4rec_kernels import _dispatch, chunked, distributed, reference
 from s4rec_kernels._item_common import (CE_FWD_TILES, INTERPRET_TILES, MAX_BLOCK_D, _active_rows,
                                         _block_d, _check_hidden_items, _dot_types, _splits,
-                                        _target_programs, _tiles)
+                                        _target_programs, _tiles, fp32_dot_precision)
 from s4rec_kernels._item_softmax_bwd import ce_backward
-from s4rec_kernels._launch import on_device
+from s4rec_kernels._launch import Launch, device_arch, on_device
 
 try:
     import triton
@@ -181,6 +181,26 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 
+def ce_forward_launches(n_active: int, n_items: int, dim: int, dtype: torch.dtype,
+                        has_rows: bool, arch: Optional[int], programs: int, fp32: str
+                        ) -> Tuple[Launch, Launch, int, int]:
+    """(forward launch, combine launch, ranges, item tiles per range) for ``n_active`` rows over
+    ``n_items`` items on CUDA architecture ``arch`` (None: the interpreter); ``programs`` is what
+    the range split aims for, ``fp32`` the dot precision of fp32 inputs."""
+    block_d = _block_d(dim)
+    block_n, block_v, warps, stages = _tiles(CE_FWD_TILES, block_d, dtype, arch, fp32)
+    dot_dtype, precision, _, _ = _dot_types(dtype, arch, fp32)
+    n_row_blocks = triton.cdiv(n_active, block_n)
+    n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v), programs)
+    fwd = Launch(_ce_fwd_kernel, (n_row_blocks * n_splits,),
+                 dict(HAS_ROWS=has_rows, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+                      DOT_DTYPE=dot_dtype, PRECISION=precision), warps, stages)
+    combine_rows = max(16, 8192 // block_d) if arch is not None else INTERPRET_TILES[0]
+    combine = Launch(_ce_combine_kernel, (triton.cdiv(n_active, combine_rows),),
+                     dict(HAS_ROWS=has_rows, BLOCK_N=combine_rows, BLOCK_D=block_d), 4)
+    return fwd, combine, n_splits, tiles_per_split
+
+
 def ce_forward(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
                ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row losses (N,) fp32 (0 at ignored rows) and the rows' softmax statistics (2, N) fp32:
@@ -194,30 +214,17 @@ def ce_forward(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
     stats = make(2, n_rows, dtype=torch.float32, device=device)
     if n_active == 0:
         return loss, stats
-    block_d = _block_d(dim)
-    block_n, block_v, warps, stages = _tiles(CE_FWD_TILES, block_d, hidden.dtype, device)
-    dot_dtype, precision, _, _ = _dot_types(hidden.dtype, device)
-    n_row_blocks = triton.cdiv(n_active, block_n)
-    n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v),
-                                        _target_programs(device))
+    fwd, combine, n_splits, tiles_per_split = ce_forward_launches(
+        n_active, n_items, dim, hidden.dtype, rows is not None, device_arch(device),
+        _target_programs(device), fp32_dot_precision())
     part_m = torch.empty(n_splits, n_active, dtype=torch.float32, device=device)
     part_l = torch.empty(n_splits, n_active, dtype=torch.float32, device=device)
-    has_rows = rows is not None
+    strides = (hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1))
     with on_device(device):
-        _ce_fwd_kernel[(n_row_blocks * n_splits,)](
-            hidden, items, rows, part_m, part_l,
-            n_active, n_items, dim, tiles_per_split,
-            hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
-            HAS_ROWS=has_rows, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=warps, num_stages=stages,
-        )
-        combine_rows = max(16, 8192 // block_d) if device.type == "cuda" else INTERPRET_TILES[0]
-        _ce_combine_kernel[(triton.cdiv(n_active, combine_rows),)](
-            hidden, items, targets, rows, part_m, part_l, loss, stats,
-            n_active, n_rows, n_items, dim, n_splits,
-            hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
-            HAS_ROWS=has_rows, BLOCK_N=combine_rows, BLOCK_D=block_d, num_warps=4,
-        )
+        fwd(hidden, items, rows, part_m, part_l, n_active, n_items, dim, tiles_per_split,
+            *strides)
+        combine(hidden, items, targets, rows, part_m, part_l, loss, stats,
+                n_active, n_rows, n_items, dim, n_splits, *strides)
     return loss, stats
 
 

@@ -57,11 +57,12 @@ every other dtype is loaded and computed in float32, whatever autocast says.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from s4rec_kernels import _dispatch, distributed, reference
-from s4rec_kernels._launch import on_device, programs_per_device
+from s4rec_kernels._launch import Launch, on_device, programs_per_device
 
 try:
     import triton
@@ -339,31 +340,36 @@ def _fits_one_program(n_rows: int, n_cols: int) -> bool:
             and triton.next_power_of_2(n_cols) <= MAX_ROW_TILE)
 
 
-def _launch_single(scores: torch.Tensor, q: torch.Tensor, scale: float, n_iters: int) -> None:
-    n_rows, n_cols = scores.shape
+def single_launch(n_rows: int, n_cols: int, n_iters: int) -> Launch:
+    """The one-program launch (problems that ``_fits_one_program``)."""
     block_k = triton.next_power_of_2(n_cols)
-    _sinkhorn_single_kernel[(1,)](
-        scores, q,
-        n_rows, n_cols, n_iters,
-        scores.stride(0), scores.stride(1),
-        scale, math.log2(n_rows),
-        BLOCK_M=_row_tile(n_rows, block_k, SINGLE_PROGRAM_TILE_SCORES), BLOCK_K=block_k,
-        NO_ITERS=n_iters == 0,
-        num_warps=SINGLE_PROGRAM_WARPS,
-    )
+    return Launch(_sinkhorn_single_kernel, (1,),
+                  dict(BLOCK_M=_row_tile(n_rows, block_k, SINGLE_PROGRAM_TILE_SCORES),
+                       BLOCK_K=block_k, NO_ITERS=n_iters == 0),
+                  SINGLE_PROGRAM_WARPS)
 
 
-def _launch_multi(scores: torch.Tensor, q: torch.Tensor, scale: float, n_iters: int) -> None:
-    n_rows, n_cols = scores.shape
-    device = scores.device
-    target = _target_programs(device)
-    strides = (scores.stride(0), scores.stride(1))
+class MultiPlan(NamedTuple):
+    """The multi-program path's launches and sizes (see ``multi_plan``)."""
+    col_stats: Launch  # first column step, partial: (row group, column tile) programs
+    rows_per_group: int
+    n_groups: int
+    first_update: Launch  # its reduce
+    update: Launch  # the reduce of a round's column sums
+    row_sums: Launch  # a round's row pass that writes column sums
+    row_q: Launch  # the last row pass, writing Q (row-normalised unless n_iters = 0)
+    rows_per_prog: int
+    n_progs: int
 
+
+def multi_plan(n_rows: int, n_cols: int, n_iters: int, programs: int) -> MultiPlan:
+    """Launches of the multi-program path for (n_rows, n_cols) scores; ``programs`` is the
+    number of row-block programs it aims for."""
     # first column step: (row group, column tile) programs, then the reduce
     stats_n = min(triton.next_power_of_2(n_cols), 128)
     stats_tiles = triton.cdiv(n_cols, stats_n)
     stats_m = _row_tile(n_rows, stats_n, TILE_SCORES)
-    groups = max(1, target // stats_tiles)
+    groups = max(1, programs // stats_tiles)
     rows_per_group = stats_m * triton.cdiv(triton.cdiv(n_rows, stats_m), groups)
     n_groups = triton.cdiv(n_rows, rows_per_group)
 
@@ -373,9 +379,42 @@ def _launch_multi(scores: torch.Tensor, q: torch.Tensor, scale: float, n_iters: 
     if not one_tile:
         block_k = MAX_ROW_TILE
     block_m = _row_tile(n_rows, block_k, TILE_SCORES)
-    chunks = triton.cdiv(triton.cdiv(n_rows, block_m), target) if one_tile else 1
+    chunks = triton.cdiv(triton.cdiv(n_rows, block_m), programs) if one_tile else 1
     rows_per_prog = block_m * chunks
     n_progs = triton.cdiv(n_rows, rows_per_prog)
+
+    update_n = min(triton.next_power_of_2(n_cols), 64)
+
+    def update(n_parts, first):
+        return Launch(_col_update_kernel, (triton.cdiv(n_cols, update_n),),
+                      dict(BLOCK_P=min(triton.next_power_of_2(n_parts), 64), BLOCK_N=update_n,
+                           FIRST=first), 4)
+
+    def row_pass(write_q, row_norm):
+        return Launch(_row_pass_kernel, (n_progs,),
+                      dict(BLOCK_M=block_m, BLOCK_K=block_k, ONE_TILE=one_tile,
+                           WRITE_Q=write_q, ROW_NORM=row_norm), MULTI_PROGRAM_WARPS)
+
+    col_stats = Launch(_col_stats_kernel, (n_groups, stats_tiles),
+                       dict(BLOCK_M=stats_m, BLOCK_N=stats_n), MULTI_PROGRAM_WARPS)
+    return MultiPlan(col_stats, rows_per_group, n_groups, update(n_groups, True),
+                     update(n_progs, False), row_pass(False, True),
+                     row_pass(True, n_iters > 0), rows_per_prog, n_progs)
+
+
+def _launch_single(scores: torch.Tensor, q: torch.Tensor, scale: float, n_iters: int) -> None:
+    n_rows, n_cols = scores.shape
+    single_launch(n_rows, n_cols, n_iters)(
+        scores, q, n_rows, n_cols, n_iters, scores.stride(0), scores.stride(1),
+        scale, math.log2(n_rows))
+
+
+def _launch_multi(scores: torch.Tensor, q: torch.Tensor, scale: float, n_iters: int) -> None:
+    n_rows, n_cols = scores.shape
+    device = scores.device
+    plan = multi_plan(n_rows, n_cols, n_iters, _target_programs(device))
+    strides = (scores.stride(0), scores.stride(1))
+    n_groups, n_progs = plan.n_groups, plan.n_progs
 
     # one scratch allocation: partial column max and sum per group, column sums per program,
     # the column max a and two column potentials g
@@ -383,35 +422,10 @@ def _launch_multi(scores: torch.Tensor, q: torch.Tensor, scale: float, n_iters: 
     part_max, part_sum, col_p, a, g = work.split(
         [n_groups * n_cols, n_groups * n_cols, n_progs * n_cols, n_cols, 2 * n_cols])
     g = g.view(2, n_cols)
-    update_n = min(triton.next_power_of_2(n_cols), 64)
 
-    def reduce_columns(maxes, sums, n_parts, g_in, g_out, first):
-        _col_update_kernel[(triton.cdiv(n_cols, update_n),)](
-            maxes, sums, a, g_in, g_out,
-            n_parts, n_cols,
-            scale,
-            BLOCK_P=min(triton.next_power_of_2(n_parts), 64), BLOCK_N=update_n, FIRST=first,
-            num_warps=4,
-        )
-
-    def row_pass(g_cur, out, write_q, row_norm=True):
-        _row_pass_kernel[(n_progs,)](
-            scores, a, g_cur, out,
-            n_rows, n_cols, rows_per_prog,
-            *strides,
-            scale,
-            BLOCK_M=block_m, BLOCK_K=block_k, ONE_TILE=one_tile, WRITE_Q=write_q,
-            ROW_NORM=row_norm, num_warps=MULTI_PROGRAM_WARPS,
-        )
-
-    _col_stats_kernel[(n_groups, stats_tiles)](
-        scores, part_max, part_sum,
-        n_rows, n_cols, rows_per_group,
-        *strides,
-        scale,
-        BLOCK_M=stats_m, BLOCK_N=stats_n, num_warps=MULTI_PROGRAM_WARPS,
-    )
-    reduce_columns(part_max, part_sum, n_groups, g[0], g[0], True)
+    plan.col_stats(scores, part_max, part_sum, n_rows, n_cols, plan.rows_per_group, *strides,
+                   scale)
+    plan.first_update(part_max, part_sum, a, g[0], g[0], n_groups, n_cols, scale)
     if n_iters == 0:
         # Q = B * softmax over all entries: g_j = a_j * scale - log2sumexp2(all x) + log2 B
         with reference._no_autocast(g):
@@ -420,14 +434,15 @@ def _launch_multi(scores: torch.Tensor, q: torch.Tensor, scale: float, n_iters: 
             top = col_lse.max()
             total = top + torch.log2(torch.exp2(col_lse - top).sum())
             torch.add(a_scaled - total, math.log2(n_rows), out=g[1])
-        row_pass(g[1], q, write_q=True, row_norm=False)
+        plan.row_q(scores, a, g[1], q, n_rows, n_cols, plan.rows_per_prog, *strides, scale)
         return
     cur = 0
     for _ in range(n_iters - 1):
-        row_pass(g[cur], col_p, write_q=False)
-        reduce_columns(col_p, col_p, n_progs, g[cur], g[1 - cur], False)
+        plan.row_sums(scores, a, g[cur], col_p, n_rows, n_cols, plan.rows_per_prog, *strides,
+                      scale)
+        plan.update(col_p, col_p, a, g[cur], g[1 - cur], n_progs, n_cols, scale)
         cur = 1 - cur
-    row_pass(g[cur], q, write_q=True)
+    plan.row_q(scores, a, g[cur], q, n_rows, n_cols, plan.rows_per_prog, *strides, scale)
 
 
 def _sinkhorn_triton(scores: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:

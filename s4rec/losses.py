@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from s4rec_kernels import info_nce_proto, item_softmax_ce, sinkhorn
+from s4rec_kernels._dispatch import resolve_backend
 
 from .config import Config
 from .model import Packed, S4Rec
@@ -50,6 +51,12 @@ def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor], kin
     target and M negatives shared by the batch (`shared` = item ids (M,) and log Q of every item id
     (V + 1,), Q the probability that one draw gives the item), every logit corrected
     by -log(M Q), and a negative equal to the target left out."""
+    if kind == "ce" and resolve_backend("item_softmax_ce", "auto", item_table) == "triton":
+        # every position, padding (id 0 -> row -1) ignored by the kernels, which skip it
+        # without waiting for the device (selecting the real positions here would wait)
+        h = torch.cat([hb.flatten(0, 1) for hb in hidden])  # (B L, d)
+        t = torch.cat([tb.flatten() for tb in targets]) - 1
+        return item_softmax_ce(h, item_table, t, ignore_index=-1)
     h = torch.cat([hb[tb > 0] for hb, tb in zip(hidden, targets)])  # (N, d)
     t = torch.cat([tb[tb > 0] for tb in targets]) - 1  # item id -> row of the item table
     if kind == "ce":

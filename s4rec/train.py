@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from s4rec_kernels._dispatch import default_backend, interpreter_enabled, logits_budget
+from s4rec_kernels._dispatch import (default_backend, deferred_errors, interpreter_enabled,
+                                     logits_budget)
 
 from . import checkpoint, distributed
 from .checkpoint import Interrupted, StopFlag
@@ -44,10 +45,11 @@ def train_step(model: S4Rec, optimizer, batch, cfg: Config, step: int, where: st
     `shares`, when given, receives each term's share of the encoder's gradient."""
     terms, assign = compute_losses(model, batch, cfg)
     loss = total_loss(terms, cfg)
-    if not torch.isfinite(loss):
+    if not torch.isfinite(loss):  # the step's one wait for the device
         bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+        causes = "".join(f"; {e}" for e in deferred_errors())  # inputs the kernels got wrong
         raise NonFiniteLoss(f"loss term {', '.join(bad) or 'total'} became non-finite at {where}"
-                            f"step {step}")
+                            f"step {step}{causes}")
     if shares is not None:
         shares.update(gradient_shares(terms, cfg, list(model.encoder.parameters())))
     optimizer.zero_grad(set_to_none=True)

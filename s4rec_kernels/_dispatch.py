@@ -24,6 +24,7 @@ says what was expected and what was got. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import math
@@ -271,6 +272,33 @@ def check_index_range(
             f"{op}: {name}[{pos}] = {int(t[pos])} is out of range; expected values in "
             f"[0, {high}){extra}"
         )
+
+
+# Value checks recorded instead of run (running one waits for the device): (op, name, tensor,
+# high, allowed_extra) of the latest calls, newest last
+_DEFERRED: "collections.deque" = collections.deque(maxlen=16)
+
+
+def defer_index_range(op: str, name: str, t: torch.Tensor, high: int,
+                      allowed_extra: Optional[int] = None) -> None:
+    """Record the check of ``check_index_range`` for ``deferred_errors`` instead of running it:
+    a kernel given an index out of range makes its result NaN, and whoever sees the NaN (the
+    trainer's non-finite check) asks which input was wrong."""
+    if t.numel() and _has_values(t):
+        _DEFERRED.append((op, name, t.detach(), high, allowed_extra))
+
+
+def deferred_errors() -> list:
+    """The messages of the recorded checks that fail, oldest first (waits for the device), and
+    forgets the records."""
+    errors = []
+    while _DEFERRED:
+        op, name, t, high, allowed_extra = _DEFERRED.popleft()
+        try:
+            check_index_range(op, name, t, high, allowed_extra)
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
 
 
 def check_csr(

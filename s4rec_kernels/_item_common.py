@@ -92,13 +92,9 @@ if triton is not None:
                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
 
     @triton.jit
-    def _row_index(rows_ptr, offs_n, mask_n, HAS_ROWS: tl.constexpr):
-        """Row of hidden for compact position ``offs_n`` (the identity without compaction)."""
-        if HAS_ROWS:
-            rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0)
-        else:
-            rows = offs_n
-        return rows.to(tl.int64)
+    def _row_index(rows_ptr, offs_n, mask_n):
+        """Row of hidden at position ``offs_n`` of the row order (see ``_row_order``)."""
+        return tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,13 +155,13 @@ def _dot_types(dtype: torch.dtype, arch: Optional[int], fp32: str):
     return tl.float32, fp32, tl.float32, fp32
 
 
-def _active_rows(targets: torch.Tensor, ignore_index: int) -> Tuple[Optional[torch.Tensor], int]:
-    """Indices of the rows that take part (None when all do) and their count."""
-    active = targets != ignore_index
-    n_active = int(active.sum())
-    if n_active == targets.shape[0]:
-        return None, n_active
-    return active.nonzero().squeeze(1), n_active
+def _row_order(targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rows that take part first (in order), then the ignored ones, and how many take part:
+    (order (N,) int64, count (1,) int32), both on the device and computed without waiting for
+    it. Kernels read the count and skip the ignored rows; grids are sized for all N rows."""
+    ignored = targets == ignore_index
+    order = torch.argsort(ignored.to(torch.uint8), stable=True)
+    return order, (targets.shape[0] - ignored.sum(dtype=torch.int32)).reshape(1)
 
 
 # ----------------------------------------------------------------------------------------------

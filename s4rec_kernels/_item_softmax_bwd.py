@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from s4rec_kernels._item_common import (CE_DE_TILES, CE_DH_TILES, _active_rows, _block_d,
+from s4rec_kernels._item_common import (CE_DE_TILES, CE_DH_TILES, _block_d, _row_order,
                                         _dot_types, _splits, _target_programs, _tiles,
                                         fp32_dot_precision)
 from s4rec_kernels._launch import Launch, device_arch, on_device
@@ -34,23 +34,23 @@ if triton is not None:
     from s4rec_kernels._item_common import _LOG2E, _load_rows, _row_index
 
     @triton.jit
-    def _load_stats(stats_ptr, rows, mask_n, n_all_rows):
+    def _load_stats(stats_ptr, rows, mask_n, n_rows):
         """(m, log2 sum) of rows ``rows``; padding rows get (0, 0)."""
         m = tl.load(stats_ptr + rows, mask=mask_n, other=0.0)
-        log2_sum = tl.load(stats_ptr + n_all_rows + rows, mask=mask_n, other=0.0)
+        log2_sum = tl.load(stats_ptr + n_rows + rows, mask=mask_n, other=0.0)
         return m, log2_sum
 
     @triton.jit
     def _ce_bwd_dh_kernel(
         # pointers
-        h_ptr, e_ptr, t_ptr, rows_ptr, stats_ptr, g_ptr, dh_ptr,
+        h_ptr, e_ptr, t_ptr, rows_ptr, count_ptr, stats_ptr, g_ptr, dh_ptr,
         # shapes
-        n_rows, n_all_rows, n_items, dim, tiles_per_split,
+        n_rows, n_items, dim, tiles_per_split,
         # strides
         stride_hn, stride_hd, stride_ev, stride_ed, stride_g,
         stride_dsplit, stride_dn, stride_dd,
         # meta
-        HAS_ROWS: tl.constexpr, OUT_COMPACT: tl.constexpr,
+        OUT_COMPACT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
         PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
@@ -58,25 +58,28 @@ if triton is not None:
         """grad_hidden of one row block over one item range:
         g_n * sum_i (p_ni - [i == t_n]) e_i, accumulated in registers (fp32).
 
-        Grid (row blocks x ranges,), row block fastest. Writes dh[range, position] when
-        OUT_COMPACT (fp32 partials, position = compact row), else dh[row] directly.
+        Grid (row blocks x ranges,), row block fastest; blocks past the count of rows that take
+        part do nothing. Writes dh[range, position] when OUT_COMPACT (fp32 partials, position
+        in the row order), else dh[row] directly.
         """
         pid = tl.program_id(0)
         n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
         row_block = pid % n_row_blocks
         split = pid // n_row_blocks
+        n_active = tl.load(count_ptr)
         offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_rows
+        mask_n = offs_n < n_active
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
-        rows = _row_index(rows_ptr, offs_n, mask_n, HAS_ROWS)
+        rows = _row_index(rows_ptr, offs_n, mask_n)
         h = _load_rows(h_ptr, rows, mask_n, offs_d, mask_d, stride_hn, stride_hd).to(DOT_DTYPE)
         target = tl.load(t_ptr + rows, mask=mask_n, other=-1)
-        m, log2_sum = _load_stats(stats_ptr, rows, mask_n, n_all_rows)
+        m, log2_sum = _load_stats(stats_ptr, rows, mask_n, n_rows)
         g = tl.load(g_ptr + rows * stride_g, mask=mask_n, other=0.0).to(tl.float32)
 
         v_begin = split * tiles_per_split * BLOCK_V
         v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, n_items)
+        v_end = tl.where(row_block * BLOCK_N < n_active, v_end, v_begin)  # no row: no work
         acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for v0 in range(v_begin, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -99,14 +102,14 @@ if triton is not None:
     @triton.jit
     def _ce_bwd_de_kernel(
         # pointers
-        h_ptr, e_ptr, t_ptr, rows_ptr, stats_ptr, g_ptr, de_ptr,
+        h_ptr, e_ptr, t_ptr, rows_ptr, count_ptr, stats_ptr, g_ptr, de_ptr,
         # shapes
-        n_rows, n_all_rows, n_items, dim, blocks_per_split,
+        n_rows, n_items, dim, blocks_per_split,
         # strides
         stride_hn, stride_hd, stride_ev, stride_ed, stride_g,
         stride_dsplit, stride_dv, stride_dd,
         # meta
-        HAS_ROWS: tl.constexpr, TRANS_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        TRANS_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     ):
@@ -133,15 +136,15 @@ if triton is not None:
                        stride_ev, stride_ed).to(DOT_DTYPE)
 
         n_begin = split * blocks_per_split * BLOCK_N
-        n_end = tl.minimum(n_begin + blocks_per_split * BLOCK_N, n_rows)
+        n_end = tl.minimum(n_begin + blocks_per_split * BLOCK_N, tl.load(count_ptr))
         acc = tl.zeros((BLOCK_V, BLOCK_D), tl.float32)
         for n0 in range(n_begin, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_end
-            rows = _row_index(rows_ptr, offs_n, mask_n, HAS_ROWS)
+            rows = _row_index(rows_ptr, offs_n, mask_n)
             h = _load_rows(h_ptr, rows, mask_n, offs_d, mask_d, stride_hn, stride_hd)
             target = tl.load(t_ptr + rows, mask=mask_n, other=-1)
-            m, log2_sum = _load_stats(stats_ptr, rows, mask_n, n_all_rows)
+            m, log2_sum = _load_stats(stats_ptr, rows, mask_n, n_rows)
             g = tl.load(g_ptr + rows * stride_g, mask=mask_n, other=0.0).to(tl.float32)
             if TRANS_LOGITS:  # (V, N): an fma-chain dot gives the forward's entries either way
                 s_t = tl.dot(e, tl.trans(h.to(DOT_DTYPE)), input_precision=PRECISION)
@@ -174,35 +177,34 @@ def _store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def ce_dh_launch(n_active: int, n_items: int, dim: int, dtype: torch.dtype, has_rows: bool,
-                 arch: Optional[int], programs: int, fp32: str) -> Tuple[Launch, int, int]:
+def ce_dh_launch(n_rows: int, n_items: int, dim: int, dtype: torch.dtype, arch: Optional[int],
+                 programs: int, fp32: str) -> Tuple[Launch, int, int]:
     """(grad_hidden launch, ranges, item tiles per range); arguments as ce_forward_launches'.
     Several ranges write fp32 partials (OUT_COMPACT), one range grad_hidden itself."""
     block_d = _block_d(dim)
     block_n, block_v, warps, stages = _tiles(CE_DH_TILES, block_d, dtype, arch, fp32)
     dot_dtype, precision, grad_dtype, grad_precision = _dot_types(dtype, arch, fp32)
-    n_row_blocks = triton.cdiv(n_active, block_n)
+    n_row_blocks = triton.cdiv(n_rows, block_n)
     n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v), programs)
     launch = Launch(_ce_bwd_dh_kernel, (n_row_blocks * n_splits,),
-                    dict(HAS_ROWS=has_rows, OUT_COMPACT=n_splits > 1,
+                    dict(OUT_COMPACT=n_splits > 1,
                          BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
                          DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
                          PRECISION=precision, GRAD_PRECISION=grad_precision), warps, stages)
     return launch, n_splits, tiles_per_split
 
 
-def ce_de_launch(n_active: int, n_items: int, dim: int, dtype: torch.dtype, has_rows: bool,
-                 arch: Optional[int], programs: int, fp32: str) -> Tuple[Launch, int, int]:
+def ce_de_launch(n_rows: int, n_items: int, dim: int, dtype: torch.dtype, arch: Optional[int],
+                 programs: int, fp32: str) -> Tuple[Launch, int, int]:
     """(grad_items launch, ranges, row blocks per range); arguments as ce_forward_launches'.
     Several ranges write fp32 partials, one range grad_items itself."""
     block_d = _block_d(dim)
     block_n, block_v, warps, stages = _tiles(CE_DE_TILES, block_d, dtype, arch, fp32)
     dot_dtype, precision, grad_dtype, grad_precision = _dot_types(dtype, arch, fp32)
     n_item_blocks = triton.cdiv(n_items, block_v)
-    n_splits, blocks_per_split = _splits(n_item_blocks, triton.cdiv(n_active, block_n), programs)
+    n_splits, blocks_per_split = _splits(n_item_blocks, triton.cdiv(n_rows, block_n), programs)
     launch = Launch(_ce_bwd_de_kernel, (n_item_blocks * n_splits,),
-                    dict(HAS_ROWS=has_rows,
-                         TRANS_LOGITS=arch is not None and precision == "ieee",
+                    dict(TRANS_LOGITS=arch is not None and precision == "ieee",
                          BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
                          DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
                          PRECISION=precision, GRAD_PRECISION=grad_precision), warps, stages)
@@ -213,51 +215,50 @@ def ce_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, items: torch.Tens
                 targets: torch.Tensor, stats: torch.Tensor, ignore_index: int,
                 need_hidden: bool, need_items: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_items) in the inputs' dtypes; an empty (0, d) tensor for a gradient
-    that is not needed."""
+    that is not needed. Never waits for the device."""
     n_rows, dim = hidden.shape
     n_items = items.shape[0]
     device = hidden.device
-    rows, n_active = _active_rows(targets, ignore_index)
-    has_rows = rows is not None
-    setting = (n_active, n_items, dim, hidden.dtype, has_rows, device_arch(device),
-               _target_programs(device), fp32_dot_precision())
+    setting = (n_rows, n_items, dim, hidden.dtype, device_arch(device), _target_programs(device),
+               fp32_dot_precision())
     grad_rows = grad_rows.to(torch.float32)
     strides = (hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1),
                grad_rows.stride(0))
     dh = hidden.new_empty(0, dim)
     de = items.new_empty(0, dim)
+    if n_rows == 0:
+        return (hidden.new_zeros(0, dim) if need_hidden else dh,
+                torch.zeros_like(items, memory_format=torch.contiguous_format)
+                if need_items else de)
+    rows, count = _row_order(targets, ignore_index)
 
     if need_hidden:
-        store = _store_dtype(hidden.dtype, device)
-        dh = (torch.empty if rows is None else torch.zeros)(n_rows, dim, dtype=store, device=device)
-        if n_active > 0:
-            launch, n_splits, tiles_per_split = ce_dh_launch(*setting)
-            compact = n_splits > 1
-            out = (torch.empty(n_splits, n_active, dim, dtype=torch.float32, device=device)
-                   if compact else dh)
-            with on_device(device):
-                launch(hidden, items, targets, rows, stats, grad_rows, out,
-                       n_active, n_rows, n_items, dim, tiles_per_split, *strides,
-                       out.stride(0) if compact else 0, out.stride(-2), out.stride(-1))
-            if compact:
-                summed = out.sum(0)  # ranges in a fixed order: deterministic
-                if rows is None:
-                    dh = summed
-                else:
-                    dh[rows] = summed.to(dh.dtype)  # rows are distinct: deterministic
+        launch, n_splits, tiles_per_split = ce_dh_launch(*setting)
+        if n_splits > 1:  # fp32 partials per position of the row order, summed in order
+            out = torch.zeros(n_splits, n_rows, dim, dtype=torch.float32, device=device)
+        else:  # ignored rows are never written: zeros
+            out = torch.zeros(n_rows, dim, dtype=_store_dtype(hidden.dtype, device),
+                              device=device)
+        with on_device(device):
+            launch(hidden, items, targets, rows, count, stats, grad_rows, out,
+                   n_rows, n_items, dim, tiles_per_split, *strides,
+                   out.stride(0) if n_splits > 1 else 0, out.stride(-2), out.stride(-1))
+        if n_splits > 1:
+            # ranges in a fixed order; rows is a permutation, so every row is written once
+            dh = torch.empty(n_rows, dim, dtype=torch.float32, device=device)
+            dh[rows] = out.sum(0)
+        else:
+            dh = out
         dh = dh.to(hidden.dtype)
 
     if need_items:
         store = _store_dtype(items.dtype, device)
-        if n_active == 0:
-            de = torch.zeros(n_items, dim, dtype=items.dtype, device=device)
-        else:
-            launch, n_splits, blocks_per_split = ce_de_launch(*setting)
-            out = (torch.empty(n_splits, n_items, dim, dtype=torch.float32, device=device)
-                   if n_splits > 1 else torch.empty(n_items, dim, dtype=store, device=device))
-            with on_device(device):
-                launch(hidden, items, targets, rows, stats, grad_rows, out,
-                       n_active, n_rows, n_items, dim, blocks_per_split, *strides,
-                       out.stride(0) if n_splits > 1 else 0, out.stride(-2), out.stride(-1))
-            de = (out.sum(0) if n_splits > 1 else out).to(items.dtype)
+        launch, n_splits, blocks_per_split = ce_de_launch(*setting)
+        out = (torch.empty(n_splits, n_items, dim, dtype=torch.float32, device=device)
+               if n_splits > 1 else torch.empty(n_items, dim, dtype=store, device=device))
+        with on_device(device):
+            launch(hidden, items, targets, rows, count, stats, grad_rows, out,
+                   n_rows, n_items, dim, blocks_per_split, *strides,
+                   out.stride(0) if n_splits > 1 else 0, out.stride(-2), out.stride(-1))
+        de = (out.sum(0) if n_splits > 1 else out).to(items.dtype)
     return dh, de

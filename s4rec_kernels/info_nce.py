@@ -157,6 +157,9 @@ if triton is not None:
         log2_1p = tl.where(rounded_up, tl.log2(u) * (y / tl.where(rounded_up, u - 1.0, 1.0)),
                            y * 1.4426950408889634)
         loss2 = tl.maximum(x, 0.0) + log2_1p
+        # an assign out of [0, K) poisons the anchor's loss (the range is not checked on the host)
+        assign_ok = (own_key >= n_rows) & (own_key < n_keys)
+        loss2 = tl.where(assign_ok, loss2, float("nan"))
         tl.store(lse2_ptr + offs_m, t_pos + loss2, mask=row_ok)
         tl.store(loss2_ptr + offs_m, loss2, mask=row_ok)
 
@@ -477,14 +480,19 @@ def info_nce_proto(
     _dispatch.check_same_dtype(OP, ("z1", z1), ("z2", z2), ("protos", protos))
     assign = _dispatch.check_index(OP, "assign", assign, z1.shape[0])
     _dispatch.check_same_device(OP, ("z1", z1), ("z2", z2), ("protos", protos), ("assign", assign))
-    if not torch.compiler.is_compiling():
-        # reading the values syncs the device and breaks a torch.compile graph, so compiled code
-        # skips it; the kernels only compare assign with key indices, never load through it
-        _dispatch.check_index_range(OP, "assign", assign, protos.shape[0])
     tau = _dispatch.check_positive(OP, "tau", tau)
-    use_triton = _dispatch.resolve_backend(OP, backend, z1, z2, protos, assign) == "triton"
+    path = _dispatch.resolve_backend(OP, backend, z1, z2, protos, assign)
     if group is not None:
+        if not torch.compiler.is_compiling():
+            _dispatch.check_index_range(OP, "assign", assign, protos.shape[0])
         return distributed.info_nce_proto(z1, z2, protos, assign, tau, group)
-    if use_triton:
+    if path == "triton":
+        # no value check here: it would wait for the device (and break a torch.compile graph).
+        # The kernels never load through assign; an anchor whose assign is out of range gets a
+        # NaN loss, and the check is recorded for _dispatch.deferred_errors()
+        if not torch.compiler.is_compiling():
+            _dispatch.defer_index_range(OP, "assign", assign, protos.shape[0])
         return _dispatch.triton_impl(OP)(z1, z2, protos, assign, tau)
+    if not torch.compiler.is_compiling():
+        _dispatch.check_index_range(OP, "assign", assign, protos.shape[0])
     return reference.info_nce_proto(z1, z2, protos, assign, tau)

@@ -36,10 +36,18 @@ The loss. With logits s_ni = h_n . e_i over all V items, row n's loss is lse_n -
             rows, or few items), its programs also split the other side into ranges and write
             fp32 partials that are summed in a fixed order; the partials are bounded by
             (programs x block x d), independent of N and V.
-  ignored   rows whose target is ``ignore_index`` are dropped on the host (their indices are
-            compacted by one nonzero(), which waits for the device; the kernels read rows
-            through that index), so they cost nothing. All index arithmetic on rows of
+  ignored   rows whose target is ``ignore_index`` cost nothing, and nothing waits for the
+            device: a stable argsort on the device puts the rows that take part first, the
+            kernels read rows through that order and read the count of rows that take part
+            from device memory; grids are sized for all N rows, and a row block past the count
+            does no work. (The ranges are planned for N rows, so with many ignored rows the
+            split is coarser than for the rows alone.) All index arithmetic on rows of
             hidden/items is int64.
+  checks    a target out of [0, V) (other than ``ignore_index``) makes its row loss NaN, so the
+            mean is NaN; nothing is read through it. Checking the values on the host would wait
+            for the device: the public function records the check instead, and
+            ``_dispatch.deferred_errors()`` runs it when asked (the trainer asks when a loss is
+            not finite).
 
 The row loss takes its target logit from the indexed dot, not from the tile, so it carries an
 absolute error of about one ulp of the largest logit (the logits' own rounding); the gradients
@@ -63,7 +71,7 @@ from typing import Optional, Tuple
 import torch
 
 from s4rec_kernels import _dispatch, chunked, distributed, reference
-from s4rec_kernels._item_common import (CE_FWD_TILES, INTERPRET_TILES, MAX_BLOCK_D, _active_rows,
+from s4rec_kernels._item_common import (CE_FWD_TILES, INTERPRET_TILES, MAX_BLOCK_D, _row_order,
                                         _block_d, _check_hidden_items, _dot_types, _splits,
                                         _target_programs, _tiles, fp32_dot_precision)
 from s4rec_kernels._item_softmax_bwd import ce_backward
@@ -85,34 +93,38 @@ if triton is not None:
     @triton.jit
     def _ce_fwd_kernel(
         # pointers
-        h_ptr, e_ptr, rows_ptr, part_m_ptr, part_l_ptr,
+        h_ptr, e_ptr, rows_ptr, count_ptr, part_m_ptr, part_l_ptr,
         # shapes
         n_rows, n_items, dim, tiles_per_split,
         # strides
         stride_hn, stride_hd, stride_ev, stride_ed,
         # meta
-        HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """Partial log-sum-exp of one row block over one item range.
 
         Grid (row blocks x ranges,), row block fastest, so the programs running together read
         the same item tiles (served from L2). Writes part_m[range, n] = max_i s_ni and
-        part_l[range, n] = sum_i exp2((s_ni - part_m) log2(e)) over the range's items.
+        part_l[range, n] = sum_i exp2((s_ni - part_m) log2(e)) over the range's items, at the
+        positions n of the row order below the count of rows that take part (a block past it
+        does nothing).
         """
         pid = tl.program_id(0)
         n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
         row_block = pid % n_row_blocks
         split = pid // n_row_blocks
+        n_active = tl.load(count_ptr)
         offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_rows
+        mask_n = offs_n < n_active
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
-        rows = _row_index(rows_ptr, offs_n, mask_n, HAS_ROWS)
+        rows = _row_index(rows_ptr, offs_n, mask_n)
         h = _load_rows(h_ptr, rows, mask_n, offs_d, mask_d, stride_hn, stride_hd).to(DOT_DTYPE)
 
         v_begin = split * tiles_per_split * BLOCK_V
         v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, n_items)
+        v_end = tl.where(row_block * BLOCK_N < n_active, v_end, v_begin)  # no row: no work
         m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max logit
         l = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(s - m)
         for v0 in range(v_begin, v_end, BLOCK_V):
@@ -133,26 +145,26 @@ if triton is not None:
     @triton.jit
     def _ce_combine_kernel(
         # pointers
-        h_ptr, e_ptr, t_ptr, rows_ptr, part_m_ptr, part_l_ptr, loss_ptr, stats_ptr,
+        h_ptr, e_ptr, t_ptr, rows_ptr, count_ptr, part_m_ptr, part_l_ptr, loss_ptr, stats_ptr,
         # shapes
-        n_rows, n_all_rows, n_items, dim, n_splits,
+        n_rows, n_items, dim, n_splits,
         # strides
         stride_hn, stride_hd, stride_ev, stride_ed,
         # meta
-        HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Merge the ranges' partials in order, add the target logit, write loss and stats.
 
         stats[0, row] = m (the row's largest logit), stats[1, row] = log2 sum_i exp(s_i - m);
         loss[row] = (m - h_row . e_target) + ln(2) stats[1, row], the target logit by an fp32
-        indexed dot.
+        indexed dot; NaN when the target is out of [0, V) (nothing is read through it).
         """
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_rows
+        mask_n = offs_n < tl.load(count_ptr)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
-        rows = _row_index(rows_ptr, offs_n, mask_n, HAS_ROWS)
+        rows = _row_index(rows_ptr, offs_n, mask_n)
 
         m = tl.load(part_m_ptr + offs_n, mask=mask_n, other=0.0)
         l = tl.load(part_l_ptr + offs_n, mask=mask_n, other=1.0)
@@ -171,9 +183,10 @@ if triton is not None:
         e_t = _load_rows(e_ptr, target.to(tl.int64), t_ok, offs_d, mask_d,
                          stride_ev, stride_ed).to(tl.float32)
         target_logit = tl.sum(h * e_t, axis=1)
-        tl.store(loss_ptr + rows, (m - target_logit) + log2_sum * _LN2, mask=mask_n)
+        loss = tl.where(t_ok, (m - target_logit) + log2_sum * _LN2, float("nan"))
+        tl.store(loss_ptr + rows, loss, mask=mask_n)
         tl.store(stats_ptr + rows, m, mask=mask_n)
-        tl.store(stats_ptr + n_all_rows + rows, log2_sum, mask=mask_n)
+        tl.store(stats_ptr + n_rows + rows, log2_sum, mask=mask_n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,50 +194,50 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 
-def ce_forward_launches(n_active: int, n_items: int, dim: int, dtype: torch.dtype,
-                        has_rows: bool, arch: Optional[int], programs: int, fp32: str
+def ce_forward_launches(n_rows: int, n_items: int, dim: int, dtype: torch.dtype,
+                        arch: Optional[int], programs: int, fp32: str
                         ) -> Tuple[Launch, Launch, int, int]:
-    """(forward launch, combine launch, ranges, item tiles per range) for ``n_active`` rows over
-    ``n_items`` items on CUDA architecture ``arch`` (None: the interpreter); ``programs`` is what
-    the range split aims for, ``fp32`` the dot precision of fp32 inputs."""
+    """(forward launch, combine launch, ranges, item tiles per range) for up to ``n_rows`` rows
+    over ``n_items`` items on CUDA architecture ``arch`` (None: the interpreter); ``programs``
+    is what the range split aims for, ``fp32`` the dot precision of fp32 inputs."""
     block_d = _block_d(dim)
     block_n, block_v, warps, stages = _tiles(CE_FWD_TILES, block_d, dtype, arch, fp32)
     dot_dtype, precision, _, _ = _dot_types(dtype, arch, fp32)
-    n_row_blocks = triton.cdiv(n_active, block_n)
+    n_row_blocks = triton.cdiv(n_rows, block_n)
     n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v), programs)
     fwd = Launch(_ce_fwd_kernel, (n_row_blocks * n_splits,),
-                 dict(HAS_ROWS=has_rows, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+                 dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
                       DOT_DTYPE=dot_dtype, PRECISION=precision), warps, stages)
     combine_rows = max(16, 8192 // block_d) if arch is not None else INTERPRET_TILES[0]
-    combine = Launch(_ce_combine_kernel, (triton.cdiv(n_active, combine_rows),),
-                     dict(HAS_ROWS=has_rows, BLOCK_N=combine_rows, BLOCK_D=block_d), 4)
+    combine = Launch(_ce_combine_kernel, (triton.cdiv(n_rows, combine_rows),),
+                     dict(BLOCK_N=combine_rows, BLOCK_D=block_d), 4)
     return fwd, combine, n_splits, tiles_per_split
 
 
 def ce_forward(hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
                ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row losses (N,) fp32 (0 at ignored rows) and the rows' softmax statistics (2, N) fp32:
-    [0] the largest logit m, [1] log2 sum_i exp(s_i - m); logsumexp = m + ln(2) [1]."""
+    """Row losses (N,) fp32 (0 at ignored rows, NaN at rows whose target is out of range) and
+    the rows' softmax statistics (2, N) fp32: [0] the largest logit m, [1] log2 sum_i exp(s_i -
+    m); logsumexp = m + ln(2) [1]. Never waits for the device."""
     n_rows, dim = hidden.shape
     n_items = items.shape[0]
     device = hidden.device
-    rows, n_active = _active_rows(targets, ignore_index)
-    make = torch.empty if rows is None else torch.zeros
-    loss = make(n_rows, dtype=torch.float32, device=device)
-    stats = make(2, n_rows, dtype=torch.float32, device=device)
-    if n_active == 0:
+    loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    stats = torch.zeros(2, n_rows, dtype=torch.float32, device=device)
+    if n_rows == 0:
         return loss, stats
+    rows, count = _row_order(targets, ignore_index)
     fwd, combine, n_splits, tiles_per_split = ce_forward_launches(
-        n_active, n_items, dim, hidden.dtype, rows is not None, device_arch(device),
-        _target_programs(device), fp32_dot_precision())
-    part_m = torch.empty(n_splits, n_active, dtype=torch.float32, device=device)
-    part_l = torch.empty(n_splits, n_active, dtype=torch.float32, device=device)
+        n_rows, n_items, dim, hidden.dtype, device_arch(device), _target_programs(device),
+        fp32_dot_precision())
+    part_m = torch.empty(n_splits, n_rows, dtype=torch.float32, device=device)
+    part_l = torch.empty(n_splits, n_rows, dtype=torch.float32, device=device)
     strides = (hidden.stride(0), hidden.stride(1), items.stride(0), items.stride(1))
     with on_device(device):
-        fwd(hidden, items, rows, part_m, part_l, n_active, n_items, dim, tiles_per_split,
+        fwd(hidden, items, rows, count, part_m, part_l, n_rows, n_items, dim, tiles_per_split,
             *strides)
-        combine(hidden, items, targets, rows, part_m, part_l, loss, stats,
-                n_active, n_rows, n_items, dim, n_splits, *strides)
+        combine(hidden, items, targets, rows, count, part_m, part_l, loss, stats,
+                n_rows, n_items, dim, n_splits, *strides)
     return loss, stats
 
 
@@ -334,15 +347,17 @@ def item_softmax_ce(
     _dispatch.check_same_device(op, ("hidden", hidden), ("items", items), ("targets", targets))
     ignore_index = _dispatch.check_int(op, "ignore_index", ignore_index, -(2**63))
     reduction = _dispatch.check_choice(op, "reduction", reduction, REDUCTIONS)
-    if not torch.compiler.is_compiling():
-        # reading values syncs the device and breaks a torch.compile graph: compiled code skips
-        # it (the kernels mask every load through a target)
-        _dispatch.check_index_range(op, "targets", targets, items.shape[0],
-                                    allowed_extra=ignore_index)
     path = _dispatch.resolve_backend(op, backend, hidden, items, targets,
                                      n_scores=hidden.shape[0] * items.shape[0])
     if path == "triton":
+        # no value check here: it would wait for the device (and break a torch.compile graph).
+        # A target out of range makes the loss NaN; the check is recorded for deferred_errors
+        if not torch.compiler.is_compiling():
+            _dispatch.defer_index_range(op, "targets", targets, items.shape[0], ignore_index)
         return _dispatch.triton_impl(op)(hidden, items, targets, ignore_index, reduction)
+    if not torch.compiler.is_compiling():
+        _dispatch.check_index_range(op, "targets", targets, items.shape[0],
+                                    allowed_extra=ignore_index)
     if path == "chunked":
         return chunked.item_softmax_ce(hidden, items, targets, ignore_index, reduction)
     return reference.item_softmax_ce(hidden, items, targets, ignore_index, reduction)

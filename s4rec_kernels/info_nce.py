@@ -463,6 +463,9 @@ def info_nce_proto(
         logit. K = 1 means no prototype negatives. Differentiable in z1, z2 and protos.
         float64 inputs give float64; every other dtype is computed in and returned as float32.
         The Triton backend keeps memory O((B + K) d): it never forms the (2B, 2B + K) logits.
+        It does not check assign's values on the host (that would wait for the device): an
+        anchor whose assign is out of range gets a NaN loss, and ``_dispatch.deferred_errors()``
+        names it; the reference backend raises ValueError.
     """
     _dispatch.check_matrix(OP, "z1", z1, "(B, d)")
     _dispatch.check_matrix(OP, "z2", z2, "(B, d)")

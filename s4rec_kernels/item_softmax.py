@@ -335,8 +335,10 @@ def item_softmax_ce(
         gradients it keeps O(N) floats (and O(programs x block x d) of partial sums); the
         chunked backend holds at most about ``_dispatch.LOGITS_BUDGET_MB`` of logits at once.
 
-    Under torch.compile the targets' range is not checked (reading values would break the
-    graph); out-of-range targets then give a wrong loss, not a memory fault.
+    Target values are checked without waiting for the device: the reference backend raises
+    ValueError for one out of range; the Triton backend makes that row's loss NaN (so the mean
+    is NaN) and records the check, whose message ``_dispatch.deferred_errors()`` returns (the
+    trainer's non-finite check reports it). Nothing is ever read through such a target.
     """
     op = "item_softmax_ce"
     if shard is not None:

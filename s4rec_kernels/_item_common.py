@@ -155,6 +155,16 @@ def _dot_types(dtype: torch.dtype, arch: Optional[int], fp32: str):
     return tl.float32, fp32, tl.float32, fp32
 
 
+def _tile_setting(table: dict, dim: int, dtype: torch.dtype, arch: Optional[int], fp32: str):
+    """(BLOCK_D, (BLOCK rows, BLOCK items, num_warps, num_stages), the tl.constexpr dot
+    settings {DOT_DTYPE, PRECISION, GRAD_DTYPE, GRAD_PRECISION}) of a kernel over rows of width
+    ``dim`` (see ``_tiles`` and ``_dot_types``)."""
+    block_d = _block_d(dim)
+    dots = dict(zip(("DOT_DTYPE", "PRECISION", "GRAD_DTYPE", "GRAD_PRECISION"),
+                    _dot_types(dtype, arch, fp32)))
+    return block_d, _tiles(table, block_d, dtype, arch, fp32), dots
+
+
 def _row_order(targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The rows that take part first (in order), then the ignored ones, and how many take part:
     (order (N,) int64, count (1,) int32), both on the device and computed without waiting for

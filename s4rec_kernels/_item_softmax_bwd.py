@@ -15,9 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from s4rec_kernels._item_common import (CE_DE_TILES, CE_DH_TILES, _block_d, _row_order,
-                                        _dot_types, _splits, _target_programs, _tiles,
-                                        fp32_dot_precision)
+from s4rec_kernels._item_common import (CE_DE_TILES, CE_DH_TILES, _row_order, _splits,
+                                        _target_programs, _tile_setting, fp32_dot_precision)
 from s4rec_kernels._launch import Launch, device_arch, on_device
 
 try:
@@ -181,16 +180,13 @@ def ce_dh_launch(n_rows: int, n_items: int, dim: int, dtype: torch.dtype, arch: 
                  programs: int, fp32: str) -> Tuple[Launch, int, int]:
     """(grad_hidden launch, ranges, item tiles per range); arguments as ce_forward_launches'.
     Several ranges write fp32 partials (OUT_COMPACT), one range grad_hidden itself."""
-    block_d = _block_d(dim)
-    block_n, block_v, warps, stages = _tiles(CE_DH_TILES, block_d, dtype, arch, fp32)
-    dot_dtype, precision, grad_dtype, grad_precision = _dot_types(dtype, arch, fp32)
+    block_d, (block_n, block_v, warps, stages), dots = _tile_setting(CE_DH_TILES, dim, dtype,
+                                                                     arch, fp32)
     n_row_blocks = triton.cdiv(n_rows, block_n)
     n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v), programs)
     launch = Launch(_ce_bwd_dh_kernel, (n_row_blocks * n_splits,),
-                    dict(OUT_COMPACT=n_splits > 1,
-                         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                         DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
-                         PRECISION=precision, GRAD_PRECISION=grad_precision), warps, stages)
+                    dict(OUT_COMPACT=n_splits > 1, BLOCK_N=block_n, BLOCK_V=block_v,
+                         BLOCK_D=block_d, **dots), warps, stages)
     return launch, n_splits, tiles_per_split
 
 
@@ -198,16 +194,14 @@ def ce_de_launch(n_rows: int, n_items: int, dim: int, dtype: torch.dtype, arch: 
                  programs: int, fp32: str) -> Tuple[Launch, int, int]:
     """(grad_items launch, ranges, row blocks per range); arguments as ce_forward_launches'.
     Several ranges write fp32 partials, one range grad_items itself."""
-    block_d = _block_d(dim)
-    block_n, block_v, warps, stages = _tiles(CE_DE_TILES, block_d, dtype, arch, fp32)
-    dot_dtype, precision, grad_dtype, grad_precision = _dot_types(dtype, arch, fp32)
+    block_d, (block_n, block_v, warps, stages), dots = _tile_setting(CE_DE_TILES, dim, dtype,
+                                                                     arch, fp32)
     n_item_blocks = triton.cdiv(n_items, block_v)
     n_splits, blocks_per_split = _splits(n_item_blocks, triton.cdiv(n_rows, block_n), programs)
     launch = Launch(_ce_bwd_de_kernel, (n_item_blocks * n_splits,),
-                    dict(TRANS_LOGITS=arch is not None and precision == "ieee",
-                         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                         DOT_DTYPE=dot_dtype, GRAD_DTYPE=grad_dtype,
-                         PRECISION=precision, GRAD_PRECISION=grad_precision), warps, stages)
+                    dict(TRANS_LOGITS=arch is not None and dots["PRECISION"] == "ieee",
+                         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, **dots),
+                    warps, stages)
     return launch, n_splits, blocks_per_split
 
 

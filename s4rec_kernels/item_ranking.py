@@ -31,8 +31,8 @@ import torch
 
 from s4rec_kernels import _dispatch, chunked, distributed, reference
 from s4rec_kernels._item_common import (INTERPRET_TILES, MAX_BLOCK_D, RANK_TILES, TOPK_TILES,
-                                        _block_d, _check_hidden_items, _dot_types, _splits,
-                                        _target_programs, _tiles, fp32_dot_precision)
+                                        _block_d, _check_hidden_items, _splits,
+                                        _target_programs, _tile_setting, fp32_dot_precision)
 from s4rec_kernels._launch import Launch, device_arch, on_device
 
 try:
@@ -287,15 +287,15 @@ def topk_launch(n_users: int, n_items: int, dim: int, k: int, dtype: torch.dtype
                 ) -> Tuple[Launch, int, int]:
     """(top-k launch, item ranges, item tiles per range); the grid is (user blocks, ranges).
     Arguments as rank_launch's, ``fp32`` the dot precision of fp32 inputs."""
-    block_d = _block_d(dim)
-    block_u, block_v, warps, stages = _tiles(TOPK_TILES, block_d, dtype, arch, fp32)
-    dot_dtype, precision, _, _ = _dot_types(dtype, arch, fp32)
+    block_d, (block_u, block_v, warps, stages), dots = _tile_setting(TOPK_TILES, dim, dtype,
+                                                                     arch, fp32)
     n_user_blocks = triton.cdiv(n_users, block_u)
     n_splits, tiles_per_split = _splits(n_user_blocks, triton.cdiv(n_items, block_v), programs)
     launch = Launch(_topk_kernel, (n_user_blocks, n_splits),
                     dict(HAS_EXCLUDE=has_exclude, BLOCK_U=block_u, BLOCK_V=block_v,
                          BLOCK_K=max(16, triton.next_power_of_2(k)),  # the list width
-                         BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision),
+                         BLOCK_D=block_d, DOT_DTYPE=dots["DOT_DTYPE"],
+                         PRECISION=dots["PRECISION"]),
                     warps, stages)
     return launch, n_splits, tiles_per_split
 

@@ -71,9 +71,9 @@ from typing import Optional, Tuple
 import torch
 
 from s4rec_kernels import _dispatch, chunked, distributed, reference
-from s4rec_kernels._item_common import (CE_FWD_TILES, INTERPRET_TILES, MAX_BLOCK_D, _row_order,
-                                        _block_d, _check_hidden_items, _dot_types, _splits,
-                                        _target_programs, _tiles, fp32_dot_precision)
+from s4rec_kernels._item_common import (CE_FWD_TILES, INTERPRET_TILES, MAX_BLOCK_D, _block_d,
+                                        _check_hidden_items, _row_order, _splits,
+                                        _target_programs, _tile_setting, fp32_dot_precision)
 from s4rec_kernels._item_softmax_bwd import ce_backward
 from s4rec_kernels._launch import Launch, device_arch, on_device
 
@@ -200,14 +200,13 @@ def ce_forward_launches(n_rows: int, n_items: int, dim: int, dtype: torch.dtype,
     """(forward launch, combine launch, ranges, item tiles per range) for up to ``n_rows`` rows
     over ``n_items`` items on CUDA architecture ``arch`` (None: the interpreter); ``programs``
     is what the range split aims for, ``fp32`` the dot precision of fp32 inputs."""
-    block_d = _block_d(dim)
-    block_n, block_v, warps, stages = _tiles(CE_FWD_TILES, block_d, dtype, arch, fp32)
-    dot_dtype, precision, _, _ = _dot_types(dtype, arch, fp32)
+    block_d, (block_n, block_v, warps, stages), dots = _tile_setting(CE_FWD_TILES, dim, dtype,
+                                                                     arch, fp32)
     n_row_blocks = triton.cdiv(n_rows, block_n)
     n_splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(n_items, block_v), programs)
     fwd = Launch(_ce_fwd_kernel, (n_row_blocks * n_splits,),
                  dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                      DOT_DTYPE=dot_dtype, PRECISION=precision), warps, stages)
+                      DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"]), warps, stages)
     combine_rows = max(16, 8192 // block_d) if arch is not None else INTERPRET_TILES[0]
     combine = Launch(_ce_combine_kernel, (triton.cdiv(n_rows, combine_rows),),
                      dict(BLOCK_N=combine_rows, BLOCK_D=block_d), 4)

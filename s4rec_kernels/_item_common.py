@@ -34,10 +34,11 @@ INTERPRET_TARGET_PROGRAMS = 4
 # num_stages)}}. "half" is bf16/fp16 operands; "fp32" is fp32 on tensor cores (3xTF32 or TF32, see
 # _dot_types: twice the shared memory, 3xTF32 three products per tile); "ieee" is true fp32, an
 # fma chain per entry without tensor cores, whose operands live in registers, hence the small
-# tiles. First choices for sm_90, compiled ahead of time for it (triton 3.9, ptxas) to check
-# registers and shared memory: no spill, or a few dozen bytes, up to d = 128 ("fp32" excepted,
-# which spills a few hundred bytes in the backward at d >= 128); a few hundred bytes in the
-# "half" backward at d = 256. Not yet timed on a device: to be tuned there.
+# tiles. First choices for sm_90, not yet timed on a device. Compiled for sm_90 and sm_80
+# (benchmarks/compile_report.py, reports in benchmarks/results/compile-sm*.md): no spill in any
+# "half" or "ieee" entry; the "fp32" entries spill at d >= 128 in the backward (3xTF32 holds a
+# big and a small TF32 part of every operand; no smaller tile tried removed it) and at d = 256
+# in the forward, listed as exceptions there.
 CE_FWD_TILES = {
     "half": {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3),
              128: (128, 128, 8, 2), 256: (128, 64, 8, 2)},
@@ -60,7 +61,7 @@ CE_DE_TILES = {  # 64 rows on tensor cores: the logits take the same (wgmma) pat
     "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
              128: (64, 32, 4, 2), 256: (64, 16, 4, 2)},
     "ieee": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2),
-             128: (32, 32, 4, 2), 256: (32, 16, 8, 2)},
+             128: (32, 32, 8, 2), 256: (32, 16, 8, 2)},
 }
 TOPK_TILES = {
     "half": {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3),

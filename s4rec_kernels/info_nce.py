@@ -286,16 +286,17 @@ if triton is not None:
 
 def _launch_config(dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of width ``dim`` in ``dtype``, shared by the three
-    kernels. Compiled for sm_90, these spill at most a few dozen bytes at d <= 64 in any dtype
-    (332 bytes in the float32 dQ kernel at d = 128); wider rows or float64 take smaller tiles.
-    Not yet tuned on a GPU."""
+    kernels. Compiled for sm_90 and sm_80 (benchmarks/compile_report.py), these do not spill at
+    d <= 64 in float32, bfloat16 or float16 (the dK kernel spills with 64-row anchor blocks at
+    d = 32, and with 4 warps at d = 64); float32 (3xTF32) spills at d >= 128. Wider rows or
+    float64 take smaller tiles. Not yet tuned on a GPU."""
     block_d = max(16, triton.next_power_of_2(dim))
     block_m, block_n = MAX_BLOCK_M, MAX_BLOCK_N
-    if dtype == torch.float64 or block_d > 128:
+    if dtype == torch.float64 or block_d > 128 or block_d <= 32:
         block_m, block_n = min(block_m, 32), min(block_n, 32)
     if block_d > 256:
         block_m, block_n = 16, 16
-    num_warps = 4 if block_d <= 64 else 8
+    num_warps = 4 if block_d <= 32 else 8
     return block_m, block_n, num_warps
 
 

@@ -1,76 +1,96 @@
 #!/usr/bin/env bash
-# One-shot check for a GPU machine without network: the whole test suite on CUDA, then every
-# benchmark at full shapes, with every table and log in one folder.
+# One-shot check for a GPU machine without network, in under 8 minutes from a cold cache:
+#   1 env       nvidia-smi, versions, every import it needs (nothing installed from the network)
+#   2 smoke     compile and launch every kernel at a tiny shape (registers, spills, shared memory)
+#   3 accuracy  every path against a chunked float64 reference, with the error
+#   4 kernels   our kernels alone at the stated shapes (bf16, tf32) against the device's floors
+#   5 peers     eager, torch.compile, Liger, Cut Cross-Entropy, each with its own limit
+#   6 tests     the test suite on CUDA (no -x), --durations, junit XML
+# Every step has its own time limit and a failure never stops the rest. Every measurement is
+# appended to OUT/gpu_check.jsonl as it is made (one line each, fsynced): a step killed at its
+# limit keeps what it had measured.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $S4REC_RESULTS or benchmarks/results)
+#   bash benchmarks/gpu_check.sh [--rehearse] [OUT_DIR]    (default OUT_DIR: benchmarks/results/gpu_check)
 #
-# Before sending the tree to such a machine, put what it cannot download into ignored folders of
-# the checkout and carry them along:
+# --rehearse runs every step on the CPU at tiny shapes, the kernels in Triton's interpreter (and a
+# few test files instead of the suite), in under 5 minutes: the tests run it.
+#
+# A GPU machine gets only the tree and the ignored paths the caller carries. Copy the peer wheels
+# and the data into ignored folders and carry them:
 #   mkdir -p .whl .data && cp ../shared/wheels/*.whl .whl/ && cp ../shared/data/Beauty.txt .data/
-# Without a GPU it runs the same steps on the CPU (quick shapes), which is how it is kept working.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-${S4REC_RESULTS:-benchmarks/results}}"
+REHEARSE=0
+if [ "${1:-}" = "--rehearse" ]; then REHEARSE=1; shift; fi
+OUT="${1:-${S4REC_RESULTS:-benchmarks/results}/gpu_check}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+JSONL="$OUT/gpu_check.jsonl"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
-say() { echo "$*" | tee -a "$LOG"; }
 
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR="$OUT/triton-cache"
+export GPU_CHECK_JSONL="$JSONL"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/s4rec-site \
-    .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/s4rec-site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$OUT/site" \
+    .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:$OUT/site"
 fi
 [ -d .data ] && export S4REC_DATA_DIR="$PWD/.data"
+MODE=()
+if [ $REHEARSE -eq 1 ]; then MODE=(--rehearse); export TRITON_INTERPRET=1; fi
 
-say "== $(date -u +%FT%TZ) s4rec gpu_check -> $OUT"
-python3 - <<'PY' 2>&1 | tee -a "$LOG"
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda,
-      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)")
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError:
-    print("triton not installed")
-for name in ("liger_kernel", "cut_cross_entropy", "ot"):
-    try:
-        __import__(name)
-        print(name, "importable")
-    except Exception as err:
-        print(name, "absent:", type(err).__name__)
-PY
-
-status=0
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, remember a failure
-  local name=$1 limit=$2; shift 2
-  say "== $name (limit ${limit}s): $*"
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n 60 "$OUT/$name.log" >> "$LOG"
-  say "== $name: exit $rc after $((SECONDS - t0))s"
-  [ $rc -eq 0 ] || status=1
+row() {  # row STEP NAME OK JSON-FIELDS: one line to the JSONL, synced
+  printf '{"t": %s, "step": "%s", "name": "%s", "ok": %s%s}\n' "$(date +%s)" "$1" "$2" "$3" "$4" \
+    >> "$JSONL"
+  sync "$JSONL" 2>/dev/null || sync
 }
 
-if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  # GPU: at most 470 s of limits (under 8 minutes); the shapes the kernel targets are stated at
-  step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests
-  step item_softmax 110 python3 -m benchmarks.bench_item_softmax --out "$OUT" \
-    --shapes 4096x12101x64,8192x1000000x64
-  mkdir -p "$OUT/10M"
-  step item_softmax_10M 50 python3 -m benchmarks.bench_item_softmax --out "$OUT/10M" \
-    --shapes 8192x10000000x64 --providers ours,cce,cce_exact,liger --no-rank
-  step info_nce 60 python3 -m benchmarks.bench_info_nce --out "$OUT" \
-    --shapes 4096x128x64,4096x1024x128,65536x128x64
-  step sinkhorn 40 python3 -m benchmarks.bench_sinkhorn --out "$OUT" --shapes 512x128,4096x1024
-  step train 60 python3 -m benchmarks.bench_train --out "$OUT" --steps 10
+step() {  # step NAME SECONDS COMMAND...: run with a time limit; its end is a row of its own
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT/$name.log" >> "$LOG"
+  local ok=true
+  [ $rc -eq 0 ] || ok=false
+  row "$name" "step ended" "$ok" ", \"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"timed_out\": $([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo true || echo false)"
+  echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+GC=(python3 -m benchmarks.gpu_check --out "$OUT" "${MODE[@]}")
+
+row start "gpu_check" null ", \"rehearse\": $REHEARSE, \"out\": \"$OUT\""
+if [ $REHEARSE -eq 1 ]; then
+  # limits for a loaded 2-core CPU; every step at tiny shapes in the interpreter
+  step env 60 "${GC[@]}" env
+  step smoke 120 "${GC[@]}" smoke
+  step accuracy 120 "${GC[@]}" accuracy
+  step kernels 90 "${GC[@]}" kernels
+  for p in eager compiled liger cce; do step "peers-$p" 60 "${GC[@]}" peers --provider "$p"; done
+  step tests 180 python3 -m pytest -q -p no:cacheprovider -p benchmarks.gpu_check \
+    --durations=10 --junitxml="$OUT/junit.xml" tests/test_metrics.py
 else
-  say "no CUDA device: the CPU path (interpreter tests, quick shapes)"
-  step tests 1200 python3 -m pytest -q -x -p no:cacheprovider tests
-  step benchmarks 600 python3 -m benchmarks --quick --out "$OUT"
+  # 470 s of limits in all (8 minutes with the start-up)
+  step env 20 "${GC[@]}" env
+  step smoke 60 "${GC[@]}" smoke
+  step accuracy 70 "${GC[@]}" accuracy
+  step kernels 80 "${GC[@]}" kernels
+  step peers-eager 15 "${GC[@]}" peers --provider eager
+  step peers-compiled 35 "${GC[@]}" peers --provider compiled
+  step peers-liger 20 "${GC[@]}" peers --provider liger
+  step peers-cce 20 "${GC[@]}" peers --provider cce
+  step tests 150 python3 -m pytest -q -p no:cacheprovider -p benchmarks.gpu_check \
+    --durations=25 --junitxml="$OUT/junit.xml" tests
 fi
-python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && step scale 300 python3 -m benchmarks.bench_scale --out "$OUT" --sizes 10000,100000,1000000,10000000 --workloads "SR only,eval" --providers ours,eager
-say "== done (status $status); tables and logs in $OUT"
+if [ $REHEARSE -eq 0 ]; then
+  # after the 8-minute one-shot steps: a session short of time loses only this one
+  step scale 300 python3 -m benchmarks.bench_scale --out "$OUT" \
+    --sizes 10000,100000,1000000,10000000 --workloads "SR only,eval" --providers ours,eager
+fi
+"${GC[@]}" summary
+status=$?
+echo "== done (status $status); rows in $JSONL, logs in $OUT" | tee -a "$LOG"
 exit $status

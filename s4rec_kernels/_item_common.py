@@ -31,7 +31,7 @@ PROGRAMS_PER_SM = 4
 INTERPRET_TARGET_PROGRAMS = 4
 
 # Tiles on CUDA: {operand kind: {padded d (BLOCK_D): (BLOCK rows, BLOCK items, num_warps,
-# num_stages)}}. "half" is bf16/fp16 operands; "fp32" is fp32 on tensor cores (3xTF32 or TF32, see
+# num_stages)}}, with "<kind>_sm80" entries replacing some on sm_80. "half" is bf16/fp16 operands; "fp32" is fp32 on tensor cores (3xTF32 or TF32, see
 # _dot_types: twice the shared memory, 3xTF32 three products per tile); "ieee" is true fp32, an
 # fma chain per entry without tensor cores, whose operands live in registers, hence the small
 # tiles. First choices for sm_90, not yet timed on a device. Compiled for sm_90 and sm_80
@@ -46,14 +46,17 @@ CE_FWD_TILES = {
              128: (64, 64, 8, 2), 256: (64, 32, 8, 1)},
     "ieee": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3),
              128: (32, 32, 4, 2), 256: (32, 32, 4, 2)},
+    # sm_80 (mma.sync keeps the 3xTF32 accumulators and operands in registers): smaller tiles
+    "fp32_sm80": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2)},
 }
 CE_DH_TILES = {
     "half": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3),
-             128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
+             128: (64, 64, 8, 2), 256: (64, 16, 8, 2)},
     "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
              128: (64, 32, 4, 2), 256: (64, 16, 4, 2)},
     "ieee": {16: (32, 32, 4, 3), 32: (32, 32, 4, 3), 64: (32, 32, 4, 3),
-             128: (32, 32, 4, 2), 256: (32, 16, 8, 2)},
+             128: (32, 32, 8, 2), 256: (32, 16, 8, 2)},
+    "fp32_sm80": {64: (32, 32, 4, 2)},
 }
 CE_DE_TILES = {  # 64 rows on tensor cores: the logits take the same (wgmma) path as the forward's
     "half": {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (64, 128, 8, 2),
@@ -131,6 +134,8 @@ def _tiles(table: dict, block_d: int, dtype: torch.dtype, arch: Optional[int],
     kind = "half"
     if dtype == torch.float32:
         kind = "ieee" if fp32 == "ieee" and "ieee" in table else "fp32"
+    if arch < 90 and block_d in table.get(f"{kind}_sm80", {}):
+        return table[f"{kind}_sm80"][block_d]
     return table[kind][block_d]
 
 

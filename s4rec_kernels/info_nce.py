@@ -209,7 +209,7 @@ if triton is not None:
                         & (offs_n[None, :] != pos_row[:, None]))
             p = tl.exp2(tl.where(negative, s * scale, float("-inf")) - lse2[:, None])
             neg_mass += tl.sum(p, axis=1)
-            acc = tl.dot(p, k, acc, input_precision=GRAD_PRECISION)
+            acc += tl.dot(p, k, input_precision=GRAD_PRECISION)
 
         k_pos = tl.load(_row_ptrs(keys_ptr, pos_row, offs_d, stride_kn, stride_kd),
                         mask=q_mask, other=0.0).to(compute)
@@ -263,7 +263,7 @@ if triton is not None:
                         & (offs_n[:, None] != own_key[None, :])
                         & (offs_n[:, None] != pos_row[None, :]))
             p_t = tl.exp2(tl.where(negative, s_t * scale, float("-inf")) - lse2[None, :])
-            acc = tl.dot(p_t, q, acc, input_precision=GRAD_PRECISION)
+            acc += tl.dot(p_t, q, input_precision=GRAD_PRECISION)
 
         # keys that are views: the anchor p_j whose positive they are, and the anchor-side dq
         is_view = col_ok & (offs_n < n_rows)
@@ -287,16 +287,16 @@ if triton is not None:
 def _launch_config(dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of width ``dim`` in ``dtype``, shared by the three
     kernels. Compiled for sm_90 and sm_80 (benchmarks/compile_report.py), these do not spill at
-    d <= 64 in float32, bfloat16 or float16 (the dK kernel spills with 64-row anchor blocks at
-    d = 32, and with 4 warps at d = 64); float32 (3xTF32) spills at d >= 128. Wider rows or
-    float64 take smaller tiles. Not yet tuned on a GPU."""
+    d <= 64 in float32, bfloat16 or float16 (64-row anchor blocks spill there in the backward);
+    float32 (3xTF32) spills at d >= 128. Wider rows or float64 take smaller tiles. Not yet
+    tuned on a GPU."""
     block_d = max(16, triton.next_power_of_2(dim))
     block_m, block_n = MAX_BLOCK_M, MAX_BLOCK_N
-    if dtype == torch.float64 or block_d > 128 or block_d <= 32:
+    if dtype == torch.float64 or block_d > 128 or block_d <= 64:
         block_m, block_n = min(block_m, 32), min(block_n, 32)
     if block_d > 256:
         block_m, block_n = 16, 16
-    num_warps = 4 if block_d <= 32 else 8
+    num_warps = 4 if block_d <= 64 else 8
     return block_m, block_n, num_warps
 
 

@@ -377,6 +377,11 @@ SPILL_EXCEPTIONS = [
     (("_info_nce_bwd_dq_kernel", "_info_nce_bwd_dk_kernel"), ("fp64",), (32, 64, 128, 256),
      "float64 inputs (a test and reference dtype, not a training one) at up to a few hundred "
      "bytes"),
+    (("_info_nce_bwd_dq_kernel",), ("bf16", "fp16"), (128, 256),
+     "sm_80 only, 16 to 40 bytes: the softmax-weighted sum takes 3xTF32 whatever the inputs' "
+     "dtype (P is an fp32 quantity); sm_90 does not spill"),
+    (("_ce_bwd_dh_kernel",), ("fp32/ieee",), (256,),
+     "triton 3.6 only, 8 to 28 bytes (3.9 does not spill): true-fp32 fma chains at d = 256"),
 ]
 
 

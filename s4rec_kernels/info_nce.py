@@ -294,7 +294,7 @@ def _launch_config(dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     block_m, block_n = MAX_BLOCK_M, MAX_BLOCK_N
     if dtype == torch.float64 or block_d > 128 or block_d <= 64:
         block_m, block_n = min(block_m, 32), min(block_n, 32)
-    if block_d > 256:
+    if block_d > 256 or (dtype == torch.float64 and block_d > 128):  # A100's shared memory
         block_m, block_n = 16, 16
     num_warps = 4 if block_d <= 64 else 8
     return block_m, block_n, num_warps

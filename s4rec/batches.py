@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from .augment import Augmenter, neighbours
-from .config import Config
+from .config import Config, parse_ops
 from .data import SequenceData, train_sequences
 from .losses import Batch, needs_views
 from .model import pack
@@ -25,8 +25,7 @@ def make_augmenter(cfg: Config, data: SequenceData, mask_id: int) -> Augmenter:
     (--augment length: --short-ops up to --short-len items, --long-ops above)."""
     ops = {"operators": ("crop", "mask", "reorder", "insert")}
     if cfg.augment == "length":
-        split_ops = lambda text: tuple(op.strip() for op in text.split(",") if op.strip())  # noqa: E731
-        ops = {"operators": split_ops(cfg.long_ops), "short_ops": split_ops(cfg.short_ops),
+        ops = {"operators": parse_ops(cfg.long_ops), "short_ops": parse_ops(cfg.short_ops),
                "short_len": cfg.short_len}
     used = ops["operators"] + ops.get("short_ops", ())
     graph = None

@@ -236,6 +236,11 @@ def parse_seeds(text: str) -> list:
     return seeds
 
 
+def parse_ops(text: str) -> tuple:
+    """The operator names of --short-ops / --long-ops ("insert,substitute")."""
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
+
 def check_config(cfg: Config) -> None:
     """Reject settings that cannot work, naming the flag."""
     positive = ["max_len", "hidden", "heads", "layers", "n_clusters", "batch_size", "eval_batch_size",
@@ -260,7 +265,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--prototypes kmeans replaces the online clustering, so L_clust has no "
                           f"prototypes to train: give --alpha 0 (got {cfg.alpha})")
     for name in ("short_ops", "long_ops"):
-        ops = [op.strip() for op in getattr(cfg, name).split(",") if op.strip()]
+        ops = parse_ops(getattr(cfg, name))
         unknown = [op for op in ops if op not in AUGMENT_OPS]
         if not ops or unknown:
             raise ConfigError(f"--{name.replace('_', '-')} must list operators from "

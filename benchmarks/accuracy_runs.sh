@@ -67,7 +67,8 @@ for group in $GROUPS_WANTED; do
         bce-why)  # which term holds S4Rec (bce) back: 40-epoch runs at seed 1, read on validation
             W="--data $DATA/Beauty.txt --sr-loss bce --epochs 40 --eval-every 2 --preset paper --seed 1"
             run beauty-bce-why-nogr-s1 "S4Rec (bce) w/o GR, 40 epochs" $W --lam 0
-            run beauty-bce-why-nockd-s1 "S4Rec (bce) w/o CKD, 40 epochs" $W --beta2 0 ;;
+            run beauty-bce-why-nockd-s1 "S4Rec (bce) w/o CKD, 40 epochs" $W --beta2 0
+            run beauty-bce-why-nockdgr-s1 "S4Rec (bce) w/o CKD and GR, 40 epochs" $W --beta2 0 --lam 0 ;;
         search)  # the self-supervised terms' suspects, on Beauty validation (seed 1)
             P="--preset beauty --proj-head mlp --augment length"
             run beauty-search-nogr-s1 "search: mlp head, length views, no adversary" $B $P --lam 0 --seed 1

@@ -66,7 +66,12 @@ ITEM_KINDS = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32,
 # rows (no split), and a small catalogue (grad_items split over rows, fp32 partials)
 CE_SHAPES = ((8192, 1_000_000), (2**20, 1_000_000), (8192, 12_101))
 TOPK_K = (10, 128)  # list widths 16 and 128, the narrowest and the widest
-NCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (input dtype, precision asked for fp32 products): InfoNCE takes 3xTF32 unless TF32 is asked
+# for (``info_nce._precisions``)
+NCE_KINDS = ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "ieee"),
+             (torch.bfloat16, "tf32"), (torch.float16, "ieee"), (torch.float16, "tf32"),
+             (torch.float64, "ieee"))
+# the training batch: both sides split into ranges on either architecture
 NCE_VIEWS, NCE_PROTOS = 512, 128
 # Sinkhorn: one program (the training shape, and the widest rows it takes), multi-program with
 # rows in one tile, and rows wider than a tile
@@ -75,8 +80,8 @@ SINKHORN_ITERS = (0, 3)
 SINKHORN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # kernels of the training step (the others are evaluation: rank, top-k)
 TRAINING = {"_ce_fwd_kernel", "_ce_combine_kernel", "_ce_bwd_dh_kernel", "_ce_bwd_de_kernel",
-            "_info_nce_fwd_kernel", "_info_nce_bwd_dq_kernel", "_info_nce_bwd_dk_kernel",
-            "_sinkhorn_single_kernel", "_col_stats_kernel", "_col_update_kernel",
+            "_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_dq_kernel",
+            "_info_nce_bwd_dk_kernel", "_info_nce_bwd_finish_kernel", "_sinkhorn_single_kernel", "_col_stats_kernel", "_col_update_kernel",
             "_row_pass_kernel"}
 # kernels with tl.dot products
 GEMM = {"_ce_fwd_kernel", "_ce_bwd_dh_kernel", "_ce_bwd_de_kernel", "_topk_kernel",
@@ -121,6 +126,15 @@ def _show(value) -> str:
 
 def _jit(spec: Spec):
     return getattr(sys.modules[spec.module], spec.kernel)
+
+
+def _nce_label(dtype: torch.dtype, fp32: str) -> str:
+    """InfoNCE's dtype label: the input dtype, with "/tf32x3" or "/tf32" for fp32 inputs (their
+    products' precision) and "/tf32" for half inputs where TF32 was asked for."""
+    qk, grad = info_nce._precisions(dtype, fp32)
+    if dtype == torch.float32:
+        return f"fp32/{qk}"
+    return _SHORT[dtype] + ("/tf32" if grad == "tf32" else "")
 
 
 def _spec(op: str, launch, dtype: torch.dtype, dim: Optional[int], pointers: Dict[str, str],
@@ -179,19 +193,28 @@ def specialisations(arch: int) -> List[Spec]:
                 specs.append(_spec("item_rank", rank, dtype, None, dict(
                     h_ptr=p, e_ptr=p, t_ptr="*i64", ex_ptr="*i64", indptr_ptr="*i64",
                     count_ptr="*i32"), _SHORT[dtype]))
-    for dtype in NCE_DTYPES:
+    nce_programs = info_nce.PROGRAMS_PER_SM * SM_COUNT[arch]
+    for dtype, fp32 in NCE_KINDS:
         p = _PTR[dtype]
         compute = "*fp64" if dtype == torch.float64 else "*fp32"
+        kind = _nce_label(dtype, fp32)
         for dim in HEAD_DIMS:
             config = info_nce._launch_config(dim, dtype)
-            fwd, dq, dk = info_nce.info_nce_launches(NCE_VIEWS, 2 * NCE_VIEWS + NCE_PROTOS, dim,
-                                                     dtype, *config)
-            base = dict(keys_ptr=p, assign_ptr="*i64", consts_ptr=compute, lse2_ptr=compute)
-            specs.append(_spec("info_nce_proto", fwd, dtype, dim, dict(base, loss2_ptr=compute)))
-            specs.append(_spec("info_nce_proto", dq, dtype, dim, dict(
-                base, dq_ptr=compute, neg_mass_ptr=compute)))
-            specs.append(_spec("info_nce_proto", dk, dtype, dim, dict(
-                base, dq_ptr=compute, neg_mass_ptr=compute, dkeys_ptr=p)))
+            plan = info_nce.info_nce_launches(NCE_VIEWS, 2 * NCE_VIEWS + NCE_PROTOS, dim, dtype,
+                                              *config, nce_programs, fp32)
+            base = dict(keys_ptr=p, assign_ptr="*i64", consts_ptr=compute)
+            specs.append(_spec("info_nce_proto", plan.fwd, dtype, dim, dict(
+                base, t_pos_ptr=compute, part_m_ptr=compute, part_l_ptr=compute), kind))
+            specs.append(_spec("info_nce_proto", plan.combine, dtype, None, dict(
+                assign_ptr="*i64", t_pos_ptr=compute, part_m_ptr=compute, part_l_ptr=compute,
+                lse2_ptr=compute, loss2_ptr=compute), compute[1:]))  # no dot: by compute dtype
+            specs.append(_spec("info_nce_proto", plan.dq, dtype, dim, dict(
+                base, lse2_ptr=compute, part_dq_ptr=compute, part_mass_ptr=compute), kind))
+            specs.append(_spec("info_nce_proto", plan.dk, dtype, dim, dict(
+                base, lse2_ptr=compute, part_dk_ptr=compute), kind))
+            specs.append(_spec("info_nce_proto", plan.finish, dtype, dim, dict(
+                keys_ptr=p, consts_ptr=compute, part_dq_ptr=compute, part_mass_ptr=compute,
+                part_dk_ptr=compute, dkeys_ptr=p)))  # no dot: by input dtype
     sink_programs = sinkhorn.PROGRAMS_PER_SM * SM_COUNT[arch]
     for dtype in SINKHORN_DTYPES:
         p = _PTR[dtype]
@@ -372,14 +395,15 @@ _TF32X3 = ("3xTF32 holds a big and a small TF32 part of every fp32 operand, so t
 SPILL_EXCEPTIONS = [
     (("_ce_fwd_kernel", "_ce_bwd_dh_kernel", "_ce_bwd_de_kernel"), ("fp32/tf32x3", "fp32/tf32"),
      (128, 256), _TF32X3),
-    (("_info_nce_fwd_kernel", "_info_nce_bwd_dq_kernel", "_info_nce_bwd_dk_kernel"), ("fp32",),
-     (128, 256), _TF32X3 + "; InfoNCE's fp32 inputs always take 3xTF32"),
-    (("_info_nce_bwd_dq_kernel", "_info_nce_bwd_dk_kernel"), ("fp64",), (32, 64, 128, 256),
-     "float64 inputs (a test and reference dtype, not a training one) at up to a few hundred "
-     "bytes"),
-    (("_info_nce_bwd_dq_kernel",), ("bf16", "fp16"), (128, 256),
-     "sm_80 only, 16 to 40 bytes: the softmax-weighted sum takes 3xTF32 whatever the inputs' "
-     "dtype (P is an fp32 quantity); sm_90 does not spill"),
+    (("_info_nce_fwd_kernel", "_info_nce_bwd_dq_kernel", "_info_nce_bwd_dk_kernel"),
+     ("fp32/tf32x3",), (128, 256), _TF32X3 + "; InfoNCE's fp32 inputs take 3xTF32 unless TF32 "
+     "is asked for"),
+    (("_info_nce_fwd_kernel", "_info_nce_bwd_dq_kernel", "_info_nce_bwd_dk_kernel"), ("fp64",),
+     (32, 64, 128, 256), "float64 inputs (a test and reference dtype, not a training one) at up "
+     "to a few hundred bytes"),
+    (("_info_nce_bwd_dk_kernel",), ("fp16/tf32",), (64,),
+     "sm_90 under triton 3.9 only, 16 bytes (bf16 with TF32 and 3.6 do not spill): fp16 inputs "
+     "with TF32 asked for, not a training setting (--precision hands the ops bf16 or fp32)"),
     (("_ce_bwd_dh_kernel",), ("fp32/ieee",), (256,),
      "triton 3.6 only, 8 to 28 bytes (3.9 does not spill): true-fp32 fma chains at d = 256"),
 ]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from . import precision
+
 
 AUGMENT_OPS = ("crop", "mask", "reorder", "insert", "substitute")
 
@@ -80,6 +82,7 @@ class Config:
     seed: int = 1  # seed of every random number generator
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     kernels: str = "auto"  # the fused ops: "auto" (Triton on CUDA), "reference" (eager) or "triton"
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on a CPU), "bf16" (autocast), "tf32" or "fp32"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     logits_budget_mb: float = 256.0  # without Triton kernels: above this many MB of (rows x items) scores, stream the items in chunks
     seeds: Optional[str] = None  # comma-separated seeds: one run each, then mean and std
@@ -270,6 +273,10 @@ def check_config(cfg: Config) -> None:
         if not ops or unknown:
             raise ConfigError(f"--{name.replace('_', '-')} must list operators from "
                               f"{', '.join(AUGMENT_OPS)}, got {getattr(cfg, name)!r}")
+    try:
+        precision.check(cfg.precision)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.hidden % cfg.heads:
         raise ConfigError(f"--hidden ({cfg.hidden}) must be divisible by --heads ({cfg.heads})")
     if cfg.seeds is not None:

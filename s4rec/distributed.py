@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from . import checkpoint
+from . import checkpoint, precision
 from .batches import make_augmenter, window
 from .config import Config, ConfigError, to_dict
 from .data import head_users, save_mapping, train_sequences
@@ -118,7 +118,8 @@ def all_reduce_grads(params: List[torch.Tensor]) -> None:
 def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int, users: int,
                n_positions: int, global_users: int, global_positions: int, device):
     """One step on this rank's part of the batch: (the global terms, assigned clusters)."""
-    terms, assign = compute_losses(model, batch, cfg, group=dist.group.WORLD)
+    with precision.autocast(precision.resolve(cfg.precision, device)[0], device):
+        terms, assign = compute_losses(model, batch, cfg, group=dist.group.WORLD)
     scale = {"sr": n_positions / global_positions, "scl": 1.0}
     terms = {k: v * scale.get(k, users / global_users) for k, v in terms.items()}
     loss = total_loss(terms, cfg)
@@ -177,7 +178,8 @@ def evaluate(model, data, split: str, head: np.ndarray, cfg: Config) -> Dict[str
     rank, world = dist.get_rank(), dist.get_world_size()
     parts = np.array_split(np.arange(len(data)), world)
     ranks = compute_ranks(model, data, split, cfg.eval_batch_size, cfg.exclude_history,
-                          cfg.max_pad, users=parts[rank])
+                          cfg.max_pad, users=parts[rank],
+                          precision=precision.resolve(cfg.precision, model.prototypes.device)[0])
     gathered: List[Optional[np.ndarray]] = [None] * world
     dist.all_gather_object(gathered, ranks)
     ranks = np.concatenate(gathered)
@@ -200,6 +202,14 @@ def check_supported(cfg: Config, world: int) -> None:
 def run(cfg: Config) -> Dict:
     """Train one seed data parallel across the torchrun ranks, then evaluate on valid and test."""
     device = setup(cfg)
+    prec, note = precision.resolve(cfg.precision, device)
+    if note:
+        say(note)
+    with precision.settings(prec, device):
+        return _train(cfg, device, prec)
+
+
+def _train(cfg: Config, device: torch.device, prec: str) -> Dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     check_supported(cfg, world)
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
@@ -278,7 +288,8 @@ def run(cfg: Config) -> Dict:
     results = {"dataset": data.name, "seed": cfg.seed, "users": len(data), "items": data.n_items,
                "best_epoch": state["best_epoch"], "epochs_run": len(state["history"]),
                "world_size": world, "device": str(device),
-               "protocol": protocol(cfg.exclude_history, sr_loss_name(cfg)),
+               "protocol": protocol(cfg.exclude_history, sr_loss_name(cfg),
+                                    precision.describe(prec, cfg.precision)),
                "valid": valid, "test": test, "config": to_dict(cfg)}
     if rank == 0:
         checkpoint.save_json(results, run_dir / "metrics.json")

@@ -2,13 +2,14 @@
 
     python -m s4rec.evaluate --run RUN_DIR [--data PATH] [--split valid|test]
                              [--exclude-history all|none] [--batch-size 1024] [--device auto]
-                             [--out metrics.json]
+                             [--precision auto|bf16|tf32|fp32] [--out metrics.json]
 
 Prints the trainer's table (overall, head and tail users) for the split. The data defaults to the
 run's own (config.json's --data, or the embedded synthetic set); head users are the run's
 --head-frac longest training sequences. `--exclude-history none` ranks the user's history like
 any other item (RecBole's default protocol), `all` excludes it (the trainer's). Problems end with
-one line `error: ...` on stderr and exit status 2.
+one line `error: ...` on stderr and exit status 2. `--precision` (default: the run's own) is the
+trainer's: bf16 autocast, tf32 or fp32; the protocol block of `--out` records it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from s4rec_kernels._dispatch import logits_budget
 from .checkpoint import save_json
 from .data import head_users
 from .metrics import evaluate, format_table, protocol, sr_loss_name
+from .precision import PRECISIONS, describe, resolve, settings
 from .recommend import RecommendError, load_run, one_line_errors, run_data
 
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1024, help="users per batch (default: 1024)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run the model (default: auto, cuda when present)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="auto (bf16 on CUDA, fp32 on a CPU), bf16, tf32 or fp32; default: "
+                        "the run's own setting")
     parser.add_argument("--out", metavar="JSON", help="also write the metrics and protocol here")
     return parser
 
@@ -58,12 +63,21 @@ def run(args: argparse.Namespace) -> dict:
     data, name = run_data(model, cfg, args.run, args.data)
     exclude = args.exclude_history or cfg.exclude_history
     head = head_users(data, cfg.head_frac)
-    with logits_budget(cfg.logits_budget_mb):
-        results = evaluate(model, data, args.split, head, args.batch_size, exclude, cfg.max_pad)
+    asked = args.precision or cfg.precision
+    try:
+        prec, note = resolve(asked, torch.device(device))
+    except ValueError as err:  # a bad value in the run's config.json
+        raise RecommendError(f"{args.run}: {err}") from None
+    if note:
+        print(note)
+    with logits_budget(cfg.logits_budget_mb), settings(prec, torch.device(device)):
+        results = evaluate(model, data, args.split, head, args.batch_size, exclude, cfg.max_pad,
+                           prec)
     print(format_table(results, f"{args.split} ({name}, {args.run})"))
     if args.out:
         save_json({"run": str(args.run), "data": name, "split": args.split, args.split: results,
-                   "protocol": protocol(exclude, sr_loss_name(cfg))}, args.out)
+                   "protocol": protocol(exclude, sr_loss_name(cfg), describe(prec, asked))},
+                  args.out)
         print(f"wrote {args.out}")
     return results
 

@@ -18,6 +18,7 @@ from s4rec_kernels._dispatch import resolve_backend
 
 from .config import Config
 from .model import Packed, S4Rec
+from .precision import op_inputs
 
 TERMS = ("sr", "clust", "scl", "ckd", "adv")
 
@@ -56,11 +57,11 @@ def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor], kin
         # without waiting for the device (selecting the real positions here would wait)
         h = torch.cat([hb.flatten(0, 1) for hb in hidden])  # (B L, d)
         t = torch.cat([tb.flatten() for tb in targets]) - 1
-        return item_softmax_ce(h, item_table, t, ignore_index=-1)
+        return item_softmax_ce(*op_inputs(h, item_table), t, ignore_index=-1)
     h = torch.cat([hb[tb > 0] for hb, tb in zip(hidden, targets)])  # (N, d)
     t = torch.cat([tb[tb > 0] for tb in targets]) - 1  # item id -> row of the item table
     if kind == "ce":
-        return item_softmax_ce(h, item_table, t)
+        return item_softmax_ce(*op_inputs(h, item_table), t)
     pos = (h * item_table[t]).sum(1)  # (N,)
     if kind == "bce":
         n = torch.cat([nb[tb > 0] for nb, tb in zip(negatives, targets)]) - 1
@@ -83,11 +84,12 @@ def cluster_scores(z: Tensor, prototypes: Tensor, eps: float, n_iters: int,
     """Cosine scores (B, K) and the Sinkhorn equipartition target Q (B, K), no gradient (eqs. 3-6).
     With a process group, Q is this rank's rows of the target over every rank's users."""
     scores = F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).T  # (B, K)
-    return scores, sinkhorn(scores.detach(), eps, n_iters, group=group)
+    return scores, sinkhorn(*op_inputs(scores.detach()), eps, n_iters, group=group)
 
 
 def cluster_loss(scores: Tensor, q: Tensor, tau: float) -> Tensor:
-    """Cross-entropy of the soft assignment softmax(S / tau) against the target Q (eq. 7)."""
+    """Cross-entropy of the soft assignment softmax(S / tau) against the target Q (eq. 7).
+    Under autocast log_softmax computes in fp32, whatever the scores' dtype."""
     return -(q * F.log_softmax(scores / tau, dim=1)).sum(1).mean()
 
 
@@ -97,7 +99,7 @@ def contrast_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, ta
     With a process group: this rank's share, its anchors against every rank's views."""
     if normalize:
         z1, z2, prototypes = (F.normalize(t, dim=1) for t in (z1, z2, prototypes))
-    return info_nce_proto(z1, z2, prototypes, assign, tau, group=group)
+    return info_nce_proto(*op_inputs(z1, z2, prototypes), assign, tau, group=group)
 
 
 def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau: float,
@@ -137,7 +139,9 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config,
             scores, q = cluster_scores(zp, model.prototypes, cfg.eps, cfg.sinkhorn_iters, group)
             assign = q.argmax(1)  # (B,)
             if w["clust"] > 0:
-                terms["clust"] = cluster_loss(scores, q.to(scores.dtype), cfg.tau1)
+                # Q as Sinkhorn returns it (fp32, or fp64 for fp64 scores), not rounded to bf16
+                terms["clust"] = cluster_loss(scores, q.to(torch.promote_types(scores.dtype,
+                                                                                q.dtype)), cfg.tau1)
     if needs_views(cfg):
         z1 = model.project(model.encoder.encode(batch.view1)[0])
         z2 = model.project(model.encoder.encode(batch.view2)[0])

@@ -15,13 +15,16 @@ from s4rec_kernels import item_rank
 
 from .data import SequenceData, history_csr, split_input, split_target
 from .model import S4Rec, pack
+from .precision import autocast, op_inputs
 
 KS = (5, 10, 20)
 
 
-def protocol(exclude_history: str, loss: str = "full softmax over all items") -> Dict[str, str]:
-    """How the numbers were measured; stored beside every metrics file."""
-    return {
+def protocol(exclude_history: str, loss: str = "full softmax over all items",
+             precision: Optional[str] = None) -> Dict[str, str]:
+    """How the numbers were measured; stored beside every metrics file. ``precision`` is
+    precision.describe's line for the run (left out when None)."""
+    out = {
         "candidates": "all items (full ranking, no sampled negatives)",
         "history": "the user's input history is excluded from the ranking" if exclude_history == "all"
         else "the user's input history is ranked like any other item",
@@ -30,6 +33,9 @@ def protocol(exclude_history: str, loss: str = "full softmax over all items") ->
         "selection": "best validation ndcg@20",
         "loss": loss,
     }
+    if precision is not None:
+        out["precision"] = precision
+    return out
 
 
 def sr_loss_name(cfg) -> str:
@@ -70,8 +76,9 @@ def encode_users(model: S4Rec, data: SequenceData, users: np.ndarray, split: str
 @torch.no_grad()
 def compute_ranks(model: S4Rec, data: SequenceData, split: str, batch_size: int,
                   exclude_history: str = "all", max_pad: float = 1 / 3,
-                  users: Optional[np.ndarray] = None) -> np.ndarray:
-    """The rank (0 = best) of every user's held-out item of `split` ("valid" or "test")."""
+                  users: Optional[np.ndarray] = None, precision: str = "fp32") -> np.ndarray:
+    """The rank (0 = best) of every user's held-out item of `split` ("valid" or "test");
+    encoded and scored at `precision` (a resolved one: "bf16" autocasts, see s4rec.precision)."""
     if exclude_history not in ("all", "none"):
         raise ValueError(f"exclude_history must be 'all' or 'none', got {exclude_history!r}")
     was_training = model.training
@@ -82,16 +89,19 @@ def compute_ranks(model: S4Rec, data: SequenceData, split: str, batch_size: int,
     ranks = np.empty(len(users), dtype=np.int64)
     done = 0
     try:
-        for batch, z in encode_users(model, data, users, split, batch_size, max_pad):
-            targets = torch.as_tensor(split_target(data, batch, split) - 1, device=device)
-            if exclude_history == "all":
-                indptr, indices = history_csr(data, batch, split)
-            else:
-                indptr, indices = np.zeros(len(batch) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-            rank = item_rank(z, items, targets, torch.as_tensor(indptr, device=device),
-                             torch.as_tensor(indices, device=device))
-            ranks[done:done + len(batch)] = rank.cpu().numpy()
-            done += len(batch)
+        with autocast(precision, device):
+            for batch, z in encode_users(model, data, users, split, batch_size, max_pad):
+                targets = torch.as_tensor(split_target(data, batch, split) - 1, device=device)
+                if exclude_history == "all":
+                    indptr, indices = history_csr(data, batch, split)
+                else:
+                    indptr = np.zeros(len(batch) + 1, dtype=np.int64)
+                    indices = np.zeros(0, dtype=np.int64)
+                rank = item_rank(*op_inputs(z, items), targets,
+                                 torch.as_tensor(indptr, device=device),
+                                 torch.as_tensor(indices, device=device))
+                ranks[done:done + len(batch)] = rank.cpu().numpy()
+                done += len(batch)
     finally:
         model.train(was_training)
     return ranks
@@ -105,7 +115,7 @@ def prototypes_trained(cfg) -> bool:
 
 @torch.no_grad()
 def cluster_report(model: S4Rec, data: SequenceData, head: np.ndarray, batch_size: int,
-                   max_pad: float = 1 / 3, trained: bool = True) -> Dict:
+                   max_pad: float = 1 / 3, trained: bool = True, precision: str = "fp32") -> Dict:
     """Each user's cluster (the prototype of highest cosine score with the user's projected
     training-sequence vector) and, per cluster, its size and share of head users (the paper's
     Fig. 3). Not the Sinkhorn target, which forces equal sizes. Empty for untrained prototypes."""
@@ -117,10 +127,12 @@ def cluster_report(model: S4Rec, data: SequenceData, head: np.ndarray, batch_siz
     was_training = model.training
     model.eval()
     try:
-        z = torch.cat([model.project(z) for _, z in encode_users(
-            model, data, np.arange(len(data)), "valid", batch_size, max_pad)])
+        with autocast(precision, model.prototypes.device):
+            z = torch.cat([model.project(z) for _, z in encode_users(
+                model, data, np.arange(len(data)), "valid", batch_size, max_pad)])
     finally:
         model.train(was_training)
+    z = z.float()  # the cosine scores in fp32, whatever z's dtype
     scores = F.normalize(z, dim=1) @ F.normalize(model.prototypes, dim=1).T  # (U, K)
     assign = scores.argmax(1).cpu().numpy()
     size = np.bincount(assign, minlength=k)
@@ -139,9 +151,11 @@ def cluster_report(model: S4Rec, data: SequenceData, head: np.ndarray, batch_siz
 
 
 def evaluate(model: S4Rec, data: SequenceData, split: str, head: np.ndarray, batch_size: int,
-             exclude_history: str = "all", max_pad: float = 1 / 3) -> Dict[str, Dict[str, float]]:
+             exclude_history: str = "all", max_pad: float = 1 / 3,
+             precision: str = "fp32") -> Dict[str, Dict[str, float]]:
     """Metrics overall and for head and tail users: {"overall": {"hit@5": ...}, "head": ..., ...}."""
-    ranks = compute_ranks(model, data, split, batch_size, exclude_history, max_pad)
+    ranks = compute_ranks(model, data, split, batch_size, exclude_history, max_pad,
+                          precision=precision)
     return {
         "overall": rank_metrics(ranks),
         "head": rank_metrics(ranks[head]),

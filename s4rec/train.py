@@ -20,7 +20,7 @@ from tqdm import tqdm
 from s4rec_kernels._dispatch import (default_backend, deferred_errors, interpreter_enabled,
                                      logits_budget)
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, precision
 from .checkpoint import Interrupted, StopFlag
 from .config import Config, ConfigError, parse_seeds, resolve, to_dict  # noqa: F401 (resolve)
 from .batches import make_augmenter, make_batch, training_pool, window  # noqa: F401 (tests)
@@ -42,9 +42,12 @@ def train_step(model: S4Rec, optimizer, batch, cfg: Config, step: int, where: st
                shares: Optional[Dict[str, float]] = None):
     """One optimiser step on `batch`: (total loss, unweighted terms, assigned clusters or None).
     A non-finite loss raises NonFiniteLoss naming the terms, before any parameter changes.
-    `shares`, when given, receives each term's share of the encoder's gradient."""
-    terms, assign = compute_losses(model, batch, cfg)
-    loss = total_loss(terms, cfg)
+    `shares`, when given, receives each term's share of the encoder's gradient. The forward runs
+    at --precision (bf16: under autocast); the backward follows the forward's dtypes."""
+    device = model.prototypes.device
+    with precision.autocast(precision.resolve(cfg.precision, device)[0], device):
+        terms, assign = compute_losses(model, batch, cfg)
+        loss = total_loss(terms, cfg)
     if not torch.isfinite(loss):  # the step's one wait for the device
         bad = [name for name, value in terms.items() if not torch.isfinite(value)]
         causes = "".join(f"; {e}" for e in deferred_errors())  # inputs the kernels got wrong
@@ -107,6 +110,9 @@ def run_one(cfg: Config) -> Dict:
     if cfg.kernels == "triton" and device.type != "cuda" and not interpreter_enabled():
         raise ConfigError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1, which runs "
                           "the kernels slowly on the CPU)")
+    prec, note = precision.resolve(cfg.precision, device)
+    if note:
+        print(note)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -127,7 +133,7 @@ def run_one(cfg: Config) -> Dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     augmenter = make_augmenter(cfg, data, model.encoder.mask_id)
     eval_args = dict(batch_size=cfg.eval_batch_size, exclude_history=cfg.exclude_history,
-                     max_pad=cfg.max_pad)
+                     max_pad=cfg.max_pad, precision=prec)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     state = checkpoint.new_state()
     if cfg.resume:
@@ -146,7 +152,7 @@ def run_one(cfg: Config) -> Dict:
                          "config": to_dict(cfg)}, last_path)
 
     epochs = cfg.resolved_epochs()
-    with checkpoint.catch_signals() as stop:
+    with checkpoint.catch_signals() as stop, precision.settings(prec, device):
         while state["epoch"] < epochs and not state["stopped"]:
             save_last()  # the start of this epoch: what a resume after a crash replays from
             epoch = state["epoch"]
@@ -177,7 +183,8 @@ def run_one(cfg: Config) -> Dict:
         save_last()
     if writer is not None:
         writer.close()
-    return finish(model, data, head, cfg, run_dir, state, device, eval_args)
+    with precision.settings(prec, device):
+        return finish(model, data, head, cfg, run_dir, state, device, eval_args)
 
 
 def finish(model, data, head, cfg, run_dir, state, device, eval_args) -> Dict:
@@ -189,7 +196,7 @@ def finish(model, data, head, cfg, run_dir, state, device, eval_args) -> Dict:
     valid = evaluate(model, data, "valid", head, **eval_args)
     test = evaluate(model, data, "test", head, **eval_args)
     clusters = cluster_report(model, data, head, cfg.eval_batch_size, cfg.max_pad,
-                              prototypes_trained(cfg))
+                              prototypes_trained(cfg), eval_args["precision"])
     eval_seconds = time.time() - t0
     print(format_table(valid, f"valid (best epoch {state['best_epoch']})"))
     print(format_table(test, "test"))
@@ -204,7 +211,8 @@ def finish(model, data, head, cfg, run_dir, state, device, eval_args) -> Dict:
         "train_seconds": round(sum(h["train_seconds"] + h.get("eval_seconds", 0.0)
                                    for h in state["history"]), 1),
         "eval_seconds": round(eval_seconds, 1), "device": str(device),
-        "protocol": protocol(cfg.exclude_history, sr_loss_name(cfg)),
+        "protocol": protocol(cfg.exclude_history, sr_loss_name(cfg),
+                             precision.describe(eval_args["precision"], cfg.precision)),
         "valid": valid, "test": test, "clusters": clusters, "config": to_dict(cfg),
     }
     checkpoint.save_json(results, run_dir / "metrics.json")

@@ -116,6 +116,35 @@ def logits_budget(mb: float) -> Iterator[None]:
         LOGITS_BUDGET_MB = previous
 
 
+# tl.dot input precisions the kernels take for fp32 operands: true fp32, 3xTF32, one TF32 pass
+FP32_DOTS = ("ieee", "tf32x3", "tf32")
+_FP32_DOTS: list = [None]  # what `float32_dots` asked for; None: torch's matmul precision decides
+
+
+@contextlib.contextmanager
+def float32_dots(precision: Optional[str]) -> Iterator[None]:
+    """Within the block, the kernels' products of fp32 operands take ``precision`` ("ieee",
+    "tf32x3" or "tf32"; e.g. the trainer's ``--precision tf32``) instead of following
+    ``torch.get_float32_matmul_precision()``; None follows torch again. Only the kernels read it
+    (torch's own matmuls keep their settings), and it does not reach the Triton interpreter,
+    which computes fp32 products exactly."""
+    if precision is not None and precision not in FP32_DOTS:
+        allowed = ", ".join(repr(p) for p in FP32_DOTS)
+        raise ValueError(f"float32_dots: precision must be one of {allowed} or None; "
+                         f"got {precision!r}")
+    previous = _FP32_DOTS[0]
+    _FP32_DOTS[0] = precision
+    try:
+        yield
+    finally:
+        _FP32_DOTS[0] = previous
+
+
+def float32_dots_asked() -> Optional[str]:
+    """The precision ``float32_dots`` set for fp32 products, or None."""
+    return _FP32_DOTS[0]
+
+
 def over_budget(n_scores: int, dtype: torch.dtype) -> bool:
     """True when ``n_scores`` scores in the compute dtype of ``dtype`` exceed the budget."""
     size = 8 if dtype == torch.float64 else 4

@@ -145,7 +145,11 @@ _FP32_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 
 
 def fp32_dot_precision() -> str:
-    """tl.dot input precision of fp32 operands under torch's current matmul precision."""
+    """tl.dot input precision of fp32 operands: what ``_dispatch.float32_dots`` asked for, else
+    what torch's current matmul precision says."""
+    asked = _dispatch.float32_dots_asked()
+    if asked is not None:
+        return asked
     return _FP32_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
 

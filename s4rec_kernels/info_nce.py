@@ -1,8 +1,9 @@
 """InfoNCE over two views with prototype negatives (SPEC eq. 10).
 
-Layout, top to bottom: Triton forward/backward kernels, host launchers, the ``torch.library`` ops
-that wrap them, the autograd.Function (registered with ``_dispatch.register_triton``), then the
-public function.
+Layout, top to bottom: the forward's Triton kernels, the launch settings and the forward's host
+launcher, the ``torch.library`` ops that wrap the launchers, the autograd.Function (registered
+with ``_dispatch.register_triton``), then the public function. The backward's kernels, its
+launcher and the gradient formula are in _info_nce_bwd.py.
 
 The kernels work on one key matrix ``keys = [z1; z2; protos]`` (2B + K, d). Its first 2B rows are
 also the anchors (queries). Each program owns a block of rows and streams blocks of the other side
@@ -10,8 +11,19 @@ through an online log-sum-exp, so nothing of size (2B, 2B + K) is ever stored: m
 O((B + K) d). The self logit and the assigned prototype's logit are masked by comparing indices
 inside the tile. The forward saves, per anchor, only its log2-sum-exp2 and its loss (logsumexp
 minus positive logit, computed without subtracting the two). The backward recomputes the logits
-tile by tile in two kernels, without atomics (FlashAttention-2's split): one program per anchor
-block for the anchor side of dz, then one per key block for the key side of dz and dprotos.
+tile by tile, without atomics (FlashAttention-2's split): programs over anchor blocks for the
+anchor side of dz, programs over key blocks for the key side of dz and dprotos.
+
+Filling the device. At the training batch (B = 512, K = 128) there are only 2B / BLOCK_M = 32
+anchor blocks and (2B + K) / BLOCK_N = 36 key blocks, against 132 SMs on an H100 or H200. So each
+side is also split over the other into ranges, chosen by shape (``info_nce_launches``): the
+forward runs (anchor blocks x key ranges) programs, each writing a partial (max, sum of exp2) per
+anchor, and a combine kernel merges the ranges in a fixed order; the backward's anchor side runs
+(anchor blocks x key ranges) programs and its key side (key blocks x anchor ranges), each writing
+fp32 partials that a finish kernel sums in a fixed order. The number of ranges is the smallest
+that gives about ``PROGRAMS_PER_SM`` programs per SM, so large batches take one range (no extra
+work but a small combine); partials are bounded by (programs x block x d). No program waits on
+another and every sum has a fixed order, so results are bitwise repeatable.
 
 Why one concatenated matrix rather than three base pointers: the copy is O((2B + K) d), small next
 to the O(B (B + K) d) work, it makes strided inputs contiguous, and a tile that straddles the
@@ -20,22 +32,26 @@ three slices are the three gradients (views, no copy).
 
 Precision: products and sums in float32 (float64 for float64 inputs). On the GPU, float32 inputs
 use 3xTF32 tensor-core products (float32-level accuracy), float16/bfloat16 inputs one TF32 pass for
-the logits (exact: their values fit in TF32) and 3xTF32 for the softmax-weighted sums.
+the logits (exact: their values fit in TF32) and 3xTF32 for the softmax-weighted sums. Where TF32
+is asked for (``_dispatch.float32_dots("tf32")``, the trainer's ``--precision tf32``, or torch's
+matmul precision "medium"), every product takes one TF32 pass.
 
-The two kernel launches are ``torch.library`` custom ops with fake implementations, called from
-the autograd.Function, so ``torch.compile(fullgraph=True)`` traces a call, forward and backward,
-into one graph that treats the kernels as opaque ops.
+The kernel launches are ``torch.library`` custom ops with fake implementations, called from the
+autograd.Function, so ``torch.compile(fullgraph=True)`` traces a call, forward and backward, into
+one graph that treats the kernels as opaque ops.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from s4rec_kernels import _dispatch, distributed, reference
-from s4rec_kernels._launch import Launch, on_device
+from s4rec_kernels._info_nce_bwd import info_nce_bwd
+from s4rec_kernels._item_common import _splits, fp32_dot_precision
+from s4rec_kernels._launch import Launch, on_device, programs_per_device
 
 try:
     import triton
@@ -50,16 +66,19 @@ OP = "info_nce_proto"
 MAX_BLOCK_M = 64
 MAX_BLOCK_N = 32
 NUM_STAGES = 2  # software-pipelining depth of the key (or anchor) tile loads
+# Programs per streaming multiprocessor the range splits aim for on CUDA (two waves at least).
+PROGRAMS_PER_SM = 2
+# Programs aimed for under the interpreter, where splitting gains nothing: 1 (no split). Tests
+# raise it so that the split paths run.
+INTERPRET_PROGRAMS = 1
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels: the forward (the backward's are in _info_nce_bwd.py)
 # ----------------------------------------------------------------------------------------------
 #
-# Notation. n_rows = 2B anchors q_i = keys[i]; n_keys = 2B + K keys k_j = keys[j]; s_ij = q_i.k_j
-# / tau. Anchor i keeps every key except itself (j = i) and its own prototype (j = 2B +
-# assign[i mod B]); its positive is p_i = (i + B) mod 2B, always kept; the other kept keys are
-# its negatives. In log2 units t_ij = s_ij * log2(e), so exp(s) = exp2(t): the kernels use exp2
-# with log2(e) / tau folded into one scale.
+# Notation as in _info_nce_bwd.py: anchor i keeps every key but itself and its own prototype;
+# its positive is p_i = (i + B) mod 2B; t_ij = q_i.k_j log2(e) / tau, so exp(s) = exp2(t): the
+# kernels use exp2 with log2(e) / tau folded into one scale.
 #
 # Forward, per anchor: the positive t_{i p_i} from the positive's row itself, then an online
 # log2-sum-exp2 over the negatives only, started at the positive (running max m = t_{i p_i}),
@@ -67,32 +86,12 @@ NUM_STAGES = 2  # software-pipelining depth of the key (or anchor) tile loads
 #   loss2_i = log2(1 + exp2(x_i)) = max(x_i, 0) + log2(1 + exp2(-|x_i|))   (the row loss / ln 2)
 #   lse2_i = t_{i p_i} + loss2_i                                            (for the backward)
 # so a small row loss is not the difference of two large logsumexps. loss = ln 2 mean_i loss2_i.
-#
-# Gradient, with g the upstream gradient, P_ij = exp2(t_ij - lse2_i) on kept keys (0 elsewhere)
-# and c = g / (2B tau):
-#   dloss/ds_ij = g/(2B) (P_ij - [j == p_i])
-#   dq_i = c (sum_j P_ij k_j - k_{p_i})
-#   dk_j = c (sum_i P_ij q_i - [j < 2B] q_{p_j})   (for j < 2B the anchor whose positive is j is
-#                                                   p_j, since p_{p_j} = j)
-#   dz = dq + dk[:2B], dprotos = dk[2B:].
-# When the positive dominates (P_{i p_i} near 1, the trained regime, more so at small tau) the
-# two terms of dq_i nearly cancel. Since sum_j P_ij = 1, with the negatives' mass
-# n_i = sum_{j kept, j != p_i} P_ij = 1 - P_{i p_i}, summed directly rather than as 1 - P:
-#   dq_i = c (sum_{j != p_i} P_ij k_j - n_i k_{p_i})        dQ kernel: one program per anchor
-#   dk_j = c (sum_{i: p_i != j} P_ij q_i - [j < 2B] n_{p_j} q_{p_j})     block; dK kernel: one
-#                                                                         program per key block
-# Both terms are then small together and nothing cancels. The dQ kernel writes dq and n; the
-# dK kernel, launched after it, reads them and writes dz and dprotos. No atomics.
-#
-# Every load is cast to the compute dtype (float32, or float64 for float64 inputs) before use;
-# products and sums are accumulated in it.
+# Each key range r gives a partial (m_r, l_r), m_r >= t_{i p_i}; the combine takes
+# m = max_r m_r and l = sum_r l_r exp2(m_r - m), in range order, then x_i = (m - t_{i p_i}) +
+# log2 l.
 
 if triton is not None:
-
-    @triton.jit
-    def _row_ptrs(base_ptr, rows, offs_d, stride_n, stride_d):
-        """Pointers to the (len(rows), BLOCK_D) tile of rows ``rows`` (int64 row offsets)."""
-        return base_ptr + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
+    from s4rec_kernels._info_nce_bwd import _anchor_rows, _row_ptrs
 
     @triton.jit
     def _info_nce_fwd_kernel(
@@ -100,20 +99,23 @@ if triton is not None:
         keys_ptr,  # (n_keys, d) [z1; z2; protos]
         assign_ptr,  # (B,) int64, prototype of each user
         consts_ptr,  # (1,) compute dtype: log2(e) / tau
-        lse2_ptr,  # (n_rows,) out, compute dtype: log2-sum-exp2 of each anchor's kept t
-        loss2_ptr,  # (n_rows,) out, compute dtype: each anchor's loss / ln 2
+        t_pos_ptr,  # (n_rows,) out, compute dtype: each anchor's positive t (written by range 0)
+        part_m_ptr,  # (key ranges, n_rows) out, compute dtype: running max of t over the range
+        part_l_ptr,  # (key ranges, n_rows) out, compute dtype: sum of exp2(t - max), negatives
         # shapes
         n_views,  # B
         n_keys,  # 2B + K
         dim,  # d
+        keys_per_split,  # keys per range, a multiple of BLOCK_N
         # strides
         stride_kn, stride_kd,
         # meta
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         QK_PRECISION: tl.constexpr,
     ):
-        compute = lse2_ptr.dtype.element_ty
+        compute = part_m_ptr.dtype.element_ty
         n_rows = 2 * n_views
+        split = tl.program_id(1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < n_rows
@@ -121,8 +123,7 @@ if triton is not None:
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(_row_ptrs(keys_ptr, offs_m, offs_d, stride_kn, stride_kd),
                     mask=q_mask, other=0.0).to(compute)  # (BLOCK_M, BLOCK_D)
-        pos_row = tl.where(offs_m < n_views, offs_m + n_views, offs_m - n_views)
-        own_key = n_rows + tl.load(assign_ptr + offs_m % n_views, mask=row_ok, other=0)
+        pos_row, own_key = _anchor_rows(offs_m, row_ok, assign_ptr, n_views)
         scale = tl.load(consts_ptr)
         q_pos = tl.load(_row_ptrs(keys_ptr, pos_row, offs_d, stride_kn, stride_kd),
                         mask=q_mask, other=0.0).to(compute)
@@ -130,9 +131,11 @@ if triton is not None:
 
         m_i = t_pos  # running max of t, started at the positive's
         l_i = tl.zeros([BLOCK_M], compute)  # running sum of exp2(t - m_i) over the negatives
-        for start_n in range(0, n_keys, BLOCK_N):
+        key_begin = split * keys_per_split
+        key_end = tl.minimum(key_begin + keys_per_split, n_keys)
+        for start_n in range(key_begin, key_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < n_keys
+            col_ok = offs_n < key_end
             k = tl.load(_row_ptrs(keys_ptr, offs_n, offs_d, stride_kn, stride_kd),
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(compute)
             # k: (BLOCK_N, BLOCK_D)
@@ -144,6 +147,40 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(t, axis=1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
             m_i = m_new
+
+        out = split * n_rows + offs_m
+        tl.store(part_m_ptr + out, m_i, mask=row_ok)
+        tl.store(part_l_ptr + out, l_i, mask=row_ok)
+        first = (offs_m * 0 + split) == 0  # range 0 writes it (every range computes the same)
+        tl.store(t_pos_ptr + offs_m, t_pos, mask=row_ok & first)
+
+    @triton.jit
+    def _info_nce_combine_kernel(
+        # pointers
+        assign_ptr,  # (B,) int64
+        t_pos_ptr,  # (n_rows,) compute dtype, from the forward kernel
+        part_m_ptr,  # (key ranges, n_rows) compute dtype, from the forward kernel
+        part_l_ptr,  # (key ranges, n_rows) compute dtype, from the forward kernel
+        lse2_ptr,  # (n_rows,) out, compute dtype: log2-sum-exp2 of each anchor's kept t
+        loss2_ptr,  # (n_rows,) out, compute dtype: each anchor's loss / ln 2
+        # shapes
+        n_views, n_keys, key_splits,
+        # meta
+        BLOCK_M: tl.constexpr,
+    ):
+        n_rows = 2 * n_views
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_rows
+        t_pos = tl.load(t_pos_ptr + offs_m, mask=row_ok, other=0.0)
+        m_i = t_pos
+        for split in range(0, key_splits):
+            m_i = tl.maximum(m_i, tl.load(part_m_ptr + split * n_rows + offs_m, mask=row_ok,
+                                          other=0.0))
+        l_i = tl.zeros_like(m_i)
+        for split in range(0, key_splits):
+            part_m = tl.load(part_m_ptr + split * n_rows + offs_m, mask=row_ok, other=0.0)
+            part_l = tl.load(part_l_ptr + split * n_rows + offs_m, mask=row_ok, other=0.0)
+            l_i += part_l * tl.exp2(part_m - m_i)
 
         # x = -inf when no negative is left (B = 1 and K = 1, or all of them underflow)
         has_negative = l_i > 0.0
@@ -158,134 +195,23 @@ if triton is not None:
                            y * 1.4426950408889634)
         loss2 = tl.maximum(x, 0.0) + log2_1p
         # an assign out of [0, K) poisons the anchor's loss (the range is not checked on the host)
+        _, own_key = _anchor_rows(offs_m, row_ok, assign_ptr, n_views)
         assign_ok = (own_key >= n_rows) & (own_key < n_keys)
         loss2 = tl.where(assign_ok, loss2, float("nan"))
         tl.store(lse2_ptr + offs_m, t_pos + loss2, mask=row_ok)
         tl.store(loss2_ptr + offs_m, loss2, mask=row_ok)
 
-    @triton.jit
-    def _info_nce_bwd_dq_kernel(
-        # pointers
-        keys_ptr,  # (n_keys, d) [z1; z2; protos]
-        assign_ptr,  # (B,) int64
-        consts_ptr,  # (2,) compute dtype: log2(e) / tau, c = g / (2B tau)
-        lse2_ptr,  # (n_rows,) compute dtype, from the forward
-        dq_ptr,  # (n_rows, d) out, compute dtype: gradient through the anchor side
-        neg_mass_ptr,  # (n_rows,) out, compute dtype: n_i, the negatives' share of P
-        # shapes
-        n_views, n_keys, dim,
-        # strides
-        stride_kn, stride_kd, stride_dqn, stride_dqd,
-        # meta
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        QK_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    ):
-        compute = lse2_ptr.dtype.element_ty
-        n_rows = 2 * n_views
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < n_rows
-        d_ok = offs_d < dim
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(_row_ptrs(keys_ptr, offs_m, offs_d, stride_kn, stride_kd),
-                    mask=q_mask, other=0.0).to(compute)  # (BLOCK_M, BLOCK_D)
-        pos_row = tl.where(offs_m < n_views, offs_m + n_views, offs_m - n_views)
-        own_key = n_rows + tl.load(assign_ptr + offs_m % n_views, mask=row_ok, other=0)
-        lse2 = tl.load(lse2_ptr + offs_m, mask=row_ok, other=0.0)
-        scale = tl.load(consts_ptr)
-        coef = tl.load(consts_ptr + 1)
-
-        acc = tl.zeros([BLOCK_M, BLOCK_D], compute)  # sum_{j != p_i} P_ij k_j
-        neg_mass = tl.zeros([BLOCK_M], compute)  # n_i = sum_{j != p_i} P_ij
-        for start_n in range(0, n_keys, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < n_keys
-            k = tl.load(_row_ptrs(keys_ptr, offs_n, offs_d, stride_kn, stride_kd),
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(compute)
-            # k: (BLOCK_N, BLOCK_D)
-            s = tl.dot(q, tl.trans(k), input_precision=QK_PRECISION)  # (BLOCK_M, BLOCK_N)
-            negative = (row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
-                        & (offs_n[None, :] != own_key[:, None])
-                        & (offs_n[None, :] != pos_row[:, None]))
-            p = tl.exp2(tl.where(negative, s * scale, float("-inf")) - lse2[:, None])
-            neg_mass += tl.sum(p, axis=1)
-            acc += tl.dot(p, k, input_precision=GRAD_PRECISION)
-
-        k_pos = tl.load(_row_ptrs(keys_ptr, pos_row, offs_d, stride_kn, stride_kd),
-                        mask=q_mask, other=0.0).to(compute)
-        dq = coef * (acc - neg_mass[:, None] * k_pos)
-        tl.store(_row_ptrs(dq_ptr, offs_m, offs_d, stride_dqn, stride_dqd),
-                 dq, mask=q_mask)
-        tl.store(neg_mass_ptr + offs_m, neg_mass, mask=row_ok)
-
-    @triton.jit
-    def _info_nce_bwd_dk_kernel(
-        # pointers
-        keys_ptr,  # (n_keys, d) [z1; z2; protos]
-        assign_ptr,  # (B,) int64
-        consts_ptr,  # (2,) compute dtype: log2(e) / tau, c = g / (2B tau)
-        lse2_ptr,  # (n_rows,) compute dtype, from the forward
-        dq_ptr,  # (n_rows, d) compute dtype, from the dQ kernel
-        neg_mass_ptr,  # (n_rows,) compute dtype, from the dQ kernel
-        dkeys_ptr,  # (n_keys, d) out, dtype of the inputs: [dz1; dz2; dprotos]
-        # shapes
-        n_views, n_keys, dim,
-        # strides
-        stride_kn, stride_kd, stride_dqn, stride_dqd, stride_dkn, stride_dkd,
-        # meta
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        QK_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    ):
-        compute = lse2_ptr.dtype.element_ty
-        n_rows = 2 * n_views
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        col_ok = offs_n < n_keys
-        d_ok = offs_d < dim
-        k_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(_row_ptrs(keys_ptr, offs_n, offs_d, stride_kn, stride_kd),
-                    mask=k_mask, other=0.0).to(compute)  # (BLOCK_N, BLOCK_D)
-        scale = tl.load(consts_ptr)
-        coef = tl.load(consts_ptr + 1)
-
-        acc = tl.zeros([BLOCK_N, BLOCK_D], compute)  # sum_{i: p_i != j} P_ij q_i
-        for start_m in range(0, n_rows, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < n_rows
-            q = tl.load(_row_ptrs(keys_ptr, offs_m, offs_d, stride_kn, stride_kd),
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(compute)
-            # q: (BLOCK_M, BLOCK_D)
-            pos_row = tl.where(offs_m < n_views, offs_m + n_views, offs_m - n_views)
-            own_key = n_rows + tl.load(assign_ptr + offs_m % n_views, mask=row_ok, other=0)
-            lse2 = tl.load(lse2_ptr + offs_m, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=QK_PRECISION)  # (BLOCK_N, BLOCK_M) k.q
-            negative = (col_ok[:, None] & row_ok[None, :] & (offs_n[:, None] != offs_m[None, :])
-                        & (offs_n[:, None] != own_key[None, :])
-                        & (offs_n[:, None] != pos_row[None, :]))
-            p_t = tl.exp2(tl.where(negative, s_t * scale, float("-inf")) - lse2[None, :])
-            acc += tl.dot(p_t, q, input_precision=GRAD_PRECISION)
-
-        # keys that are views: the anchor p_j whose positive they are, and the anchor-side dq
-        is_view = col_ok & (offs_n < n_rows)
-        view_mask = is_view[:, None] & d_ok[None, :]
-        pos_row = tl.where(offs_n < n_views, offs_n + n_views, offs_n - n_views)
-        q_pos = tl.load(_row_ptrs(keys_ptr, pos_row, offs_d, stride_kn, stride_kd),
-                        mask=view_mask, other=0.0).to(compute)
-        pos_mass = tl.load(neg_mass_ptr + pos_row, mask=is_view, other=0.0)
-        dq = tl.load(_row_ptrs(dq_ptr, offs_n, offs_d, stride_dqn, stride_dqd),
-                     mask=view_mask, other=0.0)
-        dk = coef * (acc - pos_mass[:, None] * q_pos) + dq
-        tl.store(_row_ptrs(dkeys_ptr, offs_n, offs_d, stride_dkn, stride_dkd),
-                 dk.to(dkeys_ptr.dtype.element_ty), mask=k_mask)
+    from s4rec_kernels._info_nce_bwd import (_info_nce_bwd_dk_kernel, _info_nce_bwd_dq_kernel,
+                                             _info_nce_bwd_finish_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
-# Host launchers
+# Launch settings and the forward's host launcher
 # ----------------------------------------------------------------------------------------------
 
 
 def _launch_config(dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of width ``dim`` in ``dtype``, shared by the three
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of width ``dim`` in ``dtype``, shared by the
     kernels. Compiled for sm_90 and sm_80 (benchmarks/compile_report.py), these do not spill at
     d <= 64 in float32, bfloat16 or float16 (64-row anchor blocks spill there in the backward);
     float32 (3xTF32) spills at d >= 128. Wider rows or float64 take smaller tiles. Not yet
@@ -300,81 +226,108 @@ def _launch_config(dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
-    """tl.dot input precisions for the logits (q.k) and the gradient (P @ k) products.
+def _precisions(dtype: torch.dtype, fp32: str = "ieee") -> Tuple[str, str]:
+    """tl.dot input precisions for the logits (q.k) and the gradient (P @ k) products, with
+    ``fp32`` the precision asked for fp32 products (``fp32_dot_precision``).
 
     float16/bfloat16 values are exact in TF32, so their logits take one TF32 pass; float32 needs
     3xTF32 for float32 accuracy, and so does P, a float32 quantity, for every dtype; float64 is
-    computed in float64.
+    computed in float64. Where TF32 is asked for, every product but float64's takes one TF32 pass.
     """
     if dtype == torch.float64:
         return "ieee", "ieee"
+    if fp32 == "tf32":
+        return "tf32", "tf32"
     if dtype == torch.float32:
         return "tf32x3", "tf32x3"
     return "tf32", "tf32x3"
 
 
+class InfoNCEPlan(NamedTuple):
+    """The launches of one call (forward, combine; dQ, dK, finish) and their ranges."""
+    fwd: Launch
+    combine: Launch
+    dq: Launch
+    dk: Launch
+    finish: Launch
+    key_splits: int  # key ranges of the forward and the dQ kernel
+    keys_per_split: int  # keys per such range, a multiple of BLOCK_N
+    row_splits: int  # anchor ranges of the dK kernel
+    rows_per_split: int  # anchors per such range, a multiple of BLOCK_M
+
+
 def info_nce_launches(n_views: int, n_keys: int, dim: int, dtype: torch.dtype,
-                      block_m: int, block_n: int, num_warps: int) -> Tuple[Launch, Launch, Launch]:
-    """(forward, dQ, dK) launches for 2B = 2 ``n_views`` anchors and ``n_keys`` keys of width
-    ``dim`` in ``dtype``, with the tiles of ``_launch_config``."""
+                      block_m: int, block_n: int, num_warps: int, target_programs: int = 1,
+                      fp32: str = "ieee") -> InfoNCEPlan:
+    """The launches for 2B = 2 ``n_views`` anchors and ``n_keys`` keys of width ``dim`` in
+    ``dtype``, with the tiles of ``_launch_config``, each side split over the other into as
+    few ranges as give about ``target_programs`` programs, and ``fp32`` the precision asked for
+    fp32 products (see ``_precisions``)."""
     block_d = max(16, triton.next_power_of_2(dim))
-    qk_precision, grad_precision = _precisions(dtype)
+    qk_precision, grad_precision = _precisions(dtype, fp32)
     tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, QK_PRECISION=qk_precision)
     grads = dict(tiles, GRAD_PRECISION=grad_precision)
-    n_anchor_blocks = triton.cdiv(2 * n_views, block_m)
-    return (Launch(_info_nce_fwd_kernel, (n_anchor_blocks,), tiles, num_warps, NUM_STAGES),
-            Launch(_info_nce_bwd_dq_kernel, (n_anchor_blocks,), grads, num_warps, NUM_STAGES),
-            Launch(_info_nce_bwd_dk_kernel, (triton.cdiv(n_keys, block_n),), grads, num_warps,
-                   NUM_STAGES))
+    anchor_blocks = triton.cdiv(2 * n_views, block_m)
+    key_blocks = triton.cdiv(n_keys, block_n)
+    key_splits, key_tiles = _splits(anchor_blocks, key_blocks, target_programs)
+    row_splits, row_tiles = _splits(key_blocks, anchor_blocks, target_programs)
+    return InfoNCEPlan(
+        fwd=Launch(_info_nce_fwd_kernel, (anchor_blocks, key_splits), tiles, num_warps,
+                   NUM_STAGES),
+        combine=Launch(_info_nce_combine_kernel, (triton.cdiv(2 * n_views, 128),),
+                       dict(BLOCK_M=128), 4, 1),
+        dq=Launch(_info_nce_bwd_dq_kernel, (anchor_blocks, key_splits), grads, num_warps,
+                  NUM_STAGES),
+        dk=Launch(_info_nce_bwd_dk_kernel, (key_blocks, row_splits), grads, num_warps,
+                  NUM_STAGES),
+        finish=Launch(_info_nce_bwd_finish_kernel, (key_blocks,),
+                      dict(BLOCK_N=block_n, BLOCK_D=block_d), num_warps, 1),
+        key_splits=key_splits, keys_per_split=key_tiles * block_n,
+        row_splits=row_splits, rows_per_split=row_tiles * block_m)
+
+
+def _target_programs(device: torch.device) -> int:
+    """How many programs the range splits aim for on ``device``."""
+    if device.type == "cuda":
+        return programs_per_device(device, PROGRAMS_PER_SM)
+    return INTERPRET_PROGRAMS
+
+
+def _plan(keys: torch.Tensor, n_views: int, block_m: int, block_n: int, num_warps: int,
+          fp32: Optional[str] = None) -> InfoNCEPlan:
+    """The launches of a call on ``keys``; fp32 products at ``fp32``, by default as asked now
+    (``fp32_dot_precision``: read by each launcher, like the item ops', so the backward follows
+    the setting in force when it runs)."""
+    n_keys, dim = keys.shape
+    fp32 = fp32 if fp32 is not None else fp32_dot_precision()
+    return info_nce_launches(n_views, n_keys, dim, keys.dtype, block_m, block_n, num_warps,
+                             _target_programs(keys.device), fp32)
 
 
 def info_nce_fwd(
     keys: torch.Tensor, assign: torch.Tensor, n_views: int, tau: float,
-    block_m: int, block_n: int, num_warps: int,
+    block_m: int, block_n: int, num_warps: int, fp32: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on contiguous keys (2B + K, d) and assign (B,). Returns (lse2,
+    """Launch the forward kernels on contiguous keys (2B + K, d) and assign (B,). Returns (lse2,
     loss2), each (2B,) in the compute dtype: per anchor, the log2-sum-exp2 of its kept logits
     (times log2(e)) and its loss divided by ln 2."""
     n_keys, dim = keys.shape
     n_rows = 2 * n_views
     compute = reference.compute_dtype(keys)
-    lse2 = torch.empty(n_rows, dtype=compute, device=keys.device)
-    loss2 = torch.empty(n_rows, dtype=compute, device=keys.device)
-    consts = torch.full((1,), math.log2(math.e) / tau, dtype=compute, device=keys.device)
-    fwd, _, _ = info_nce_launches(n_views, n_keys, dim, keys.dtype, block_m, block_n, num_warps)
-    with on_device(keys.device):
-        fwd(keys, assign, consts, lse2, loss2, n_views, n_keys, dim,
-            keys.stride(0), keys.stride(1))
+    device = keys.device
+    plan = _plan(keys, n_views, block_m, block_n, num_warps, fp32)
+    t_pos = torch.empty(n_rows, dtype=compute, device=device)
+    part_m = torch.empty(plan.key_splits, n_rows, dtype=compute, device=device)
+    part_l = torch.empty(plan.key_splits, n_rows, dtype=compute, device=device)
+    lse2 = torch.empty(n_rows, dtype=compute, device=device)
+    loss2 = torch.empty(n_rows, dtype=compute, device=device)
+    consts = torch.full((1,), math.log2(math.e) / tau, dtype=compute, device=device)
+    with on_device(device):
+        plan.fwd(keys, assign, consts, t_pos, part_m, part_l, n_views, n_keys, dim,
+                 plan.keys_per_split, keys.stride(0), keys.stride(1))
+        plan.combine(assign, t_pos, part_m, part_l, lse2, loss2, n_views, n_keys,
+                     plan.key_splits)
     return lse2, loss2
-
-
-def info_nce_bwd(
-    grad: torch.Tensor, keys: torch.Tensor, assign: torch.Tensor, lse2: torch.Tensor,
-    n_views: int, tau: float, block_m: int, block_n: int, num_warps: int,
-) -> torch.Tensor:
-    """Launch the two backward kernels; returns d loss / d keys (2B + K, d) in keys' dtype,
-    times the upstream gradient ``grad`` (a 0-dim tensor, read on the device: no sync)."""
-    n_keys, dim = keys.shape
-    n_rows = 2 * n_views
-    compute = lse2.dtype
-    consts = torch.cat([
-        torch.full((1,), math.log2(math.e) / tau, dtype=compute, device=keys.device),
-        (grad.to(compute) / (n_rows * tau)).reshape(1),
-    ])
-    dq = torch.empty(n_rows, dim, dtype=compute, device=keys.device)
-    neg_mass = torch.empty(n_rows, dtype=compute, device=keys.device)
-    dkeys = torch.empty_like(keys)
-    _, dq_launch, dk_launch = info_nce_launches(n_views, n_keys, dim, keys.dtype,
-                                                block_m, block_n, num_warps)
-    with on_device(keys.device):
-        dq_launch(keys, assign, consts, lse2, dq, neg_mass, n_views, n_keys, dim,
-                  keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1))
-        # reads dq and neg_mass: runs after the dQ kernel, on the same stream
-        dk_launch(keys, assign, consts, lse2, dq, neg_mass, dkeys, n_views, n_keys, dim,
-                  keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
-                  dkeys.stride(0), dkeys.stride(1))
-    return dkeys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +354,8 @@ if triton is not None:
         grad: torch.Tensor, keys: torch.Tensor, assign: torch.Tensor, lse2: torch.Tensor,
         n_views: int, tau: float, block_m: int, block_n: int, num_warps: int,
     ) -> torch.Tensor:
-        return info_nce_bwd(grad, keys, assign, lse2, n_views, tau, block_m, block_n, num_warps)
+        plan = _plan(keys, n_views, block_m, block_n, num_warps)
+        return info_nce_bwd(grad, keys, assign, lse2, n_views, tau, plan)
 
     @_bwd_op.register_fake
     def _(grad, keys, assign, lse2, n_views, tau, block_m, block_n, num_warps):

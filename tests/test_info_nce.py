@@ -256,6 +256,98 @@ def test_kernels_with_smallest_tiles(device, dtype, monkeypatch):
     check_against_reference(z1, z2, protos, assign, 0.1, seed=3)
 
 
+# Key and anchor ranges forced at small shapes: (programs aimed for, B, K, d). With 16 x 16 tiles
+# B = 37, K = 19 gives 5 anchor blocks and 6 key blocks (93 keys): 64 programs put every block
+# in its own range; 7 programs give 2 key ranges of 3 blocks (48 and 45 keys) and 2 anchor
+# ranges of 3 and 2 blocks, neither dividing the count; B = 21, K = 1 has one prototype
+SPLIT_CASES = [(64, 37, 19, 20), (7, 37, 19, 20), (5, 21, 1, 9)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "p{}-{}x{}x{}".format(*c))
+def test_kernels_split_ranges_match_reference(device, dtype, case, monkeypatch):
+    programs, n, n_protos, d = case
+    monkeypatch.setattr(info_nce, "MAX_BLOCK_M", 16)
+    monkeypatch.setattr(info_nce, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(info_nce, "INTERPRET_PROGRAMS", programs)
+    z1, z2, protos, assign = on(device, *make_inputs(n, n_protos, d, seed=programs + d,
+                                                     dtype=dtype))
+    if device == "cpu":  # the split really happens on both sides
+        plan = info_nce._plan(torch.cat([z1, z2, protos]), n, 16, 16, 4, "ieee")
+        assert plan.key_splits > 1 and plan.row_splits > 1
+    if dtype in (torch.float32, torch.float64):
+        check_against_reference(z1, z2, protos, assign, 0.1, seed=programs)
+        return
+    # half inputs: computed in fp32 from the rounded values, the gradients rounded once to dtype
+    upstream = torch.tensor(2.0 * n, dtype=torch.float64)
+    loss, grads = loss_and_grads(z1, z2, protos, assign, 0.1, upstream.to(device), "triton")
+    want_loss, want_grads = truth(z1, z2, protos, assign, 0.1, upstream.to(device))
+    assert_close(loss, want_loss, dtype)
+    eps = torch.finfo(dtype).eps  # twice the largest relative rounding error
+    for got, want in zip(grads, want_grads):
+        assert got.dtype == dtype
+        assert_close(got.double(), want, dtype, rtol=eps, atol=eps * float(want.abs().max()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernels_split_ranges_are_bitwise_repeatable(device, monkeypatch):
+    monkeypatch.setattr(info_nce, "MAX_BLOCK_M", 16)
+    monkeypatch.setattr(info_nce, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(info_nce, "INTERPRET_PROGRAMS", 7)
+    z1, z2, protos, assign = on(device, *make_inputs(37, 19, 20, seed=15, dtype=torch.float32))
+    one = torch.tensor(1.0, device=device)
+    first = loss_and_grads(z1, z2, protos, assign, 0.2, one, "triton")
+    second = loss_and_grads(z1, z2, protos, assign, 0.2, one, "triton")
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS and not KERNEL_DEVICES, reason="needs Triton")
+@pytest.mark.parametrize("n,splits", [(512, True), (4096, True), (65536, False)])
+def test_launches_fill_the_device_by_shape(n, splits):
+    """On an H100 (132 SMs, 264 programs aimed for) the training batch B = 512 is split on both
+    sides to fill the device; B = 65536 has blocks enough and takes one range."""
+    target = info_nce.PROGRAMS_PER_SM * 132
+    for dtype in (torch.bfloat16, torch.float32):
+        config = info_nce._launch_config(64, dtype)
+        plan = info_nce.info_nce_launches(n, 2 * n + 128, 64, dtype, *config, target)
+        assert (plan.key_splits > 1) == splits and (plan.row_splits > 1) == splits
+        for launch in (plan.fwd, plan.dq, plan.dk):
+            assert launch.grid[0] * launch.grid[1] >= target
+        # every range holds keys (anchors): none is empty, together they cover all
+        n_keys, block_m, block_n = 2 * n + 128, config[0], config[1]
+        assert plan.keys_per_split % block_n == 0 and plan.rows_per_split % block_m == 0
+        assert (plan.key_splits - 1) * plan.keys_per_split < n_keys <= (
+            plan.key_splits * plan.keys_per_split)
+        assert (plan.row_splits - 1) * plan.rows_per_split < 2 * n <= (
+            plan.row_splits * plan.rows_per_split)
+
+
+def test_tf32_asked_for_reaches_the_launches():
+    """float32_dots("tf32") (the trainer's --precision tf32) makes every product one TF32 pass;
+    otherwise fp32 inputs take 3xTF32 and half inputs' softmax-weighted sums too."""
+    from s4rec_kernels._item_common import fp32_dot_precision
+
+    def precisions(dtype):
+        plan = info_nce.info_nce_launches(512, 1152, 64, dtype, 32, 32, 4, 264,
+                                          fp32_dot_precision())
+        return plan.fwd.meta["QK_PRECISION"], plan.dq.meta["GRAD_PRECISION"]
+
+    assert precisions(torch.float32) == ("tf32x3", "tf32x3")
+    assert precisions(torch.bfloat16) == ("tf32", "tf32x3")
+    with _dispatch.float32_dots("tf32"):
+        assert precisions(torch.float32) == ("tf32", "tf32")
+        assert precisions(torch.bfloat16) == ("tf32", "tf32")
+        assert precisions(torch.float64) == ("ieee", "ieee")
+    assert precisions(torch.float32) == ("tf32x3", "tf32x3")
+    with pytest.raises(ValueError, match="float32_dots"):
+        with _dispatch.float32_dots("bf16"):
+            pass
+
+
 @needs_kernels
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_kernels_strided_inputs(device):

@@ -41,7 +41,8 @@ SIZES = {"cpu": (10_000, 100_000, 1_000_000), "cuda": (1_000_000, 10_000_000)}
 MODES = ("dp", "shard")
 BATCH_SIZE = 128
 COLUMNS = ["W", "V", "mode", "status", "median_s", "p20_s", "p80_s", "users_per_s",
-           "rows_per_rank", "base_mb", "peak_mb", "peak_mb_per_rank"]
+           "sent_mb", "rows_per_rank", "base_mb", "peak_mb", "peak_mb_per_rank"]
+COLLECTIVES = ("all_reduce", "all_gather", "gather", "broadcast")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +58,50 @@ def _memory_mb(device: torch.device, peak: bool) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KB on Linux
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class SentBytes:
+    """Counts the bytes this rank sends in the collectives it calls, as ring algorithms send them:
+    all_reduce of S bytes 2 (W - 1) / W S, all_gather of S bytes in all (W - 1) / W S, gather
+    and broadcast the rank's own tensor (root: none). Payload only: headers and the object
+    collectives (all_gather_object) are not counted."""
+
+    def __init__(self):
+        self.bytes = 0.0
+        self._saved = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+
+        def size(t):
+            return t.numel() * t.element_size()
+
+        cost = {
+            "all_reduce": lambda t, *a, **k: 2 * (world - 1) / world * size(t),
+            "all_gather": lambda out, t, *a, **k: (world - 1) / world * sum(map(size, out)),
+            "gather": lambda t, *a, **k: 0 if rank == k.get("dst", a[1] if len(a) > 1 else 0)
+            else size(t),
+            "broadcast": lambda t, *a, **k: size(t) if rank == k.get("src", a[0] if a else 0)
+            else 0,
+        }
+        for name in COLLECTIVES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def counted(*args, _original=original, _cost=cost[name], **kwargs):
+                self.bytes += _cost(*args, **kwargs)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
 
 
 def _sync(device: torch.device) -> None:
@@ -108,15 +153,16 @@ def run_point(v: int, mode: str, steps: int, batch_size: int, threads: int,
     base = _memory_mb(device, peak=False)
     step(0)  # warm-up: allocates Adam's state
     samples = []
-    for i in range(1, steps + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step(i)
-        _sync(device)
-        dist.barrier()
-        samples.append(time.perf_counter() - t0)
+    with SentBytes() as sent:
+        for i in range(1, steps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(i)
+            _sync(device)
+            dist.barrier()
+            samples.append(time.perf_counter() - t0)
     mine = {"base_mb": base, "peak_mb": _memory_mb(device, peak=True), "rows": rows,
-            "median_s": float(np.median(samples))}
+            "median_s": float(np.median(samples)), "sent_mb": sent.bytes / steps / 2**20}
     every: List[Optional[Dict]] = [None] * world
     dist.all_gather_object(every, mine)
     used = dist.get_backend()
@@ -126,6 +172,7 @@ def run_point(v: int, mode: str, steps: int, batch_size: int, threads: int,
     return {"status": "ok", "median_s": float(np.median(samples)),
             "p20_s": float(np.percentile(samples, 20)), "p80_s": float(np.percentile(samples, 80)),
             "users_per_s": batch_size / float(np.median(samples)),
+            "sent_mb": max(r["sent_mb"] for r in every),
             "rows_per_rank": " / ".join(str(r["rows"]) for r in every),
             "base_mb": max(r["base_mb"] for r in every),
             "peak_mb": max(r["peak_mb"] for r in every),
@@ -223,7 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   args.backend, args.mem_limit_gb, args.timeout)
                 rows.append({"W": world, "V": v, "mode": mode, **res})
                 print(f"W={world} V={v:>9} {mode:<6} {res['status']:<8} "
-                      f"{res.get('median_s', math.nan):9.3f} s  peak "
+                      f"{res.get('median_s', math.nan):9.3f} s  sent "
+                      f"{res.get('sent_mb', math.nan):8.2f} MB  peak "
                       f"{res.get('peak_mb_per_rank', '-')} MB  ({time.time() - t0:.0f} s wall)",
                       flush=True)
     memory = "resident set (ru_maxrss)" if device.type == "cpu" else "max_memory_allocated"
@@ -233,7 +281,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"B = {args.batch_size} users, d = 64, 2 layers, K = 128, all five loss terms, "
             f"synthetic data with V items), each between barriers. dp: every rank holds the whole "
             f"item table and all-reduces its gradient; shard: --shard-items, rank r holds "
-            f"rows_per_rank of it. median_s: rank 0's median step; peak_mb: the largest rank's "
+            f"rows_per_rank of it. median_s: rank 0's median step; sent_mb: the largest rank's "
+            f"bytes sent per step in its collectives, counted as ring algorithms send them "
+            f"(all-reduce of S: 2 (W - 1) / W S; all-gather of S in all: (W - 1) / W S); "
+            f"peak_mb: the largest rank's "
             f"peak {memory}; base_mb: the largest rank's memory before the first step.")
     write_table("dist", rows, COLUMNS, device, args.out or SCRATCH, note=note)
     return 0

@@ -12,9 +12,9 @@ gradient. Evaluation splits the users across the ranks and gathers their integer
 metrics equal a single process's. With --shard-items each rank holds only its rows of the item
 table, L_SR and the evaluation's ranking are vocabulary parallel, and the slice's gradient is not
 all-reduced (s4rec.sharded_items). Rank 0 alone prints and writes; checkpoints hold the whole
-model in the single-process layout, so --resume works with another W, sharded or not. An error on one rank is printed by that rank as one line and the
-process exits, which makes torchrun end the other ranks; a collective waits at most
---dist-timeout seconds.
+model in the single-process layout, so --resume works with another W, sharded or not. An error
+on one rank is printed by that rank as one line and the process exits, which makes torchrun end
+the other ranks; a collective waits at most --dist-timeout seconds.
 """
 from __future__ import annotations
 

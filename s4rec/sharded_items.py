@@ -175,7 +175,8 @@ def sharded(model: S4Rec) -> Optional[ShardedItemEmbedding]:
 def replicated_parameters(model: S4Rec) -> List[nn.Parameter]:
     """Every trainable parameter held whole by every rank (all but the table's slice)."""
     emb = sharded(model)
-    return [p for p in model.parameters() if p.requires_grad and (emb is None or p is not emb.weight)]
+    return [p for p in model.parameters()
+            if p.requires_grad and (emb is None or p is not emb.weight)]
 
 
 # ----------------------------------------------------------------------------------------------

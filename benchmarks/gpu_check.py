@@ -4,7 +4,7 @@ so a step killed by its time limit loses nothing it had measured.
 
     python -m benchmarks.gpu_check STEP --out OUT [--rehearse] [--provider NAME]
 
-Steps: env, smoke, accuracy, kernels, peers (one --provider at a time), summary. With
+Steps: env, smoke, accuracy, kernels, peers (one --provider at a time), dist, summary. With
 ``--rehearse`` every step runs at tiny shapes on the CPU, the kernels in Triton's interpreter
 (TRITON_INTERPRET=1): how the script is kept working without a GPU. The module is also a pytest
 plugin (``-p benchmarks.gpu_check``) that appends one row per test outcome when
@@ -636,6 +636,28 @@ def step_peers(log: Log, rehearse: bool, provider: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Step: dist (the torchrun trainer on this one GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def step_dist(log: Log, rehearse: bool) -> None:
+    """The trainer's step under torchrun with one rank (W = 1) over NCCL, data parallel and
+    --shard-items, each point its own launch (benchmarks/bench_dist.py); a rehearsal runs gloo on
+    the CPU at V = 2000."""
+    from benchmarks import bench_dist
+
+    backend = "gloo" if rehearse else "nccl"
+    for v in ([2000] if rehearse else [1_000_000, 10_000_000]):
+        for mode in bench_dist.MODES:
+            with log.attempt(f"dist W=1 V={v} {mode}", W=1, V=v, mode=mode) as out:
+                res = bench_dist.spawn_point(1, v, mode, steps=1 if rehearse else 5,
+                                             batch_size=64 if rehearse else 512, threads=1,
+                                             backend=backend, mem_limit_gb=None,
+                                             timeout_s=60 if rehearse else 45)
+                out.update(res, ok=res["status"] == "ok")
+
+
+# ----------------------------------------------------------------------------------------------
 # Step: summary; the pytest plugin
 # ----------------------------------------------------------------------------------------------
 
@@ -676,7 +698,7 @@ def pytest_runtest_logreport(report):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=("env", "smoke", "accuracy", "kernels", "peers",
-                                         "summary"))
+                                         "dist", "summary"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rehearse", action="store_true",
                         help="tiny shapes on the CPU, kernels in Triton's interpreter")
@@ -688,7 +710,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.step == "summary":
         return step_summary(log, args.rehearse)
     step = {"env": step_env, "smoke": step_smoke, "accuracy": step_accuracy,
-            "kernels": step_kernels}.get(args.step)
+            "kernels": step_kernels, "dist": step_dist}.get(args.step)
     if step is not None:
         step(log, args.rehearse)
     else:

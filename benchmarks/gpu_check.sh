@@ -6,6 +6,8 @@
 #   4 kernels   our kernels alone at the stated shapes (bf16, tf32) against the device's floors
 #   5 peers     eager, torch.compile, Liger, Cut Cross-Entropy, each with its own limit
 #   6 tests     the test suite on CUDA (no -x), --durations, junit XML
+#   7 dist      the torchrun trainer's step on this one GPU (W = 1, NCCL), with and without
+#               --shard-items (benchmarks/bench_dist.py)
 # Every step has its own time limit and a failure never stops the rest. Every measurement is
 # appended to OUT/gpu_check.jsonl as it is made (one line each, fsynced): a step killed at its
 # limit keeps what it had measured.
@@ -72,6 +74,7 @@ if [ $REHEARSE -eq 1 ]; then
   for p in eager compiled liger cce; do step "peers-$p" 60 "${GC[@]}" peers --provider "$p"; done
   step tests 180 python3 -m pytest -q -p no:cacheprovider -p benchmarks.gpu_check \
     --durations=10 --junitxml="$OUT/junit.xml" tests/test_metrics.py
+  step dist 120 "${GC[@]}" dist
 else
   # 470 s of limits in all (8 minutes with the start-up)
   step env 20 "${GC[@]}" env
@@ -89,7 +92,8 @@ else
     --ignore=tests/test_gpu_check.py tests
 fi
 if [ $REHEARSE -eq 0 ]; then
-  # after the 8-minute one-shot steps: a session short of time loses only this one
+  # after the 8-minute one-shot steps: a session short of time loses only these two
+  step dist 200 "${GC[@]}" dist
   step scale 300 python3 -m benchmarks.bench_scale --out "$OUT" \
     --sizes 10000,100000,1000000,10000000 --workloads "SR only,eval" --providers ours,eager
 fi

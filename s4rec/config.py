@@ -93,6 +93,7 @@ class Config:
     tensorboard: bool = False  # also log to <run_dir>/tensorboard (needs the tensorboard package)
     dist_backend: str = "auto"  # under torchrun: "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl"
     dist_timeout: float = 300.0  # under torchrun: seconds a collective waits before the run fails
+    shard_items: bool = False  # under torchrun: split the item table by rows across the ranks (vocabulary parallel)
     config: Optional[str] = None  # a JSON file of settings (e.g. a run's config.json); flags given beside it win
 
     def resolved_epochs(self) -> int:

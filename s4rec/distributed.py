@@ -9,10 +9,12 @@ contract (the sum over the ranks is the single-process value on the whole batch:
 contrast run across the group, the means are this rank's sum over the global count), so summing
 the gradients over the ranks (one all-reduce of all gradients per step) gives the single-process
 gradient. Evaluation splits the users across the ranks and gathers their integer ranks, so the
-metrics equal a single process's. Rank 0 alone prints and writes; checkpoints hold the whole model,
-so --resume works with another W. An error on one rank is printed by that rank as one line and the
-process exits, which makes torchrun end the other ranks; a collective waits at most
---dist-timeout seconds.
+metrics equal a single process's. With --shard-items each rank holds only its rows of the item
+table, L_SR and the evaluation's ranking are vocabulary parallel, and the slice's gradient is not
+all-reduced (s4rec.sharded_items). Rank 0 alone prints and writes; checkpoints hold the whole
+model in the single-process layout, so --resume works with another W, sharded or not. An error
+on one rank is printed by that rank as one line and the process exits, which makes torchrun end
+the other ranks; a collective waits at most --dist-timeout seconds.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from . import checkpoint, precision
+from . import checkpoint, precision, sharded_items
 from .batches import make_augmenter, window
 from .config import Config, ConfigError, to_dict
 from .data import head_users, save_mapping, train_sequences
@@ -118,9 +120,12 @@ def all_reduce_grads(params: List[torch.Tensor]) -> None:
 def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int, users: int,
                n_positions: int, global_users: int, global_positions: int, device):
     """One step on this rank's part of the batch: (the global terms, assigned clusters)."""
+    table = sharded_items.sharded(model)
+    shard = table.shard if table is not None else None
     with precision.autocast(precision.resolve(cfg.precision, device)[0], device):
-        terms, assign = compute_losses(model, batch, cfg, group=dist.group.WORLD)
-    scale = {"sr": n_positions / global_positions, "scl": 1.0}
+        terms, assign = compute_losses(model, batch, cfg, group=dist.group.WORLD, shard=shard)
+    # the terms computed across the group are this rank's share of the global value already
+    scale = {"sr": 1.0 if shard else n_positions / global_positions, "scl": 1.0}
     terms = {k: v * scale.get(k, users / global_users) for k, v in terms.items()}
     loss = total_loss(terms, cfg)
     names = list(terms)
@@ -132,8 +137,9 @@ def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int, us
         raise FloatingPointError(f"loss term {', '.join(bad)} became non-finite at step {step}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    all_reduce_grads(params)
+    if table is not None:
+        table.flush_grads()  # the lookups' gradients, to the ranks owning the rows
+    all_reduce_grads(sharded_items.replicated_parameters(model))
     if step < cfg.freeze_protos_steps:
         model.prototypes.grad = None
     optimizer.step()
@@ -177,9 +183,13 @@ def evaluate(model, data, split: str, head: np.ndarray, cfg: Config) -> Dict[str
     """metrics.evaluate with the users split across the ranks; equal to a single process's."""
     rank, world = dist.get_rank(), dist.get_world_size()
     parts = np.array_split(np.arange(len(data)), world)
-    ranks = compute_ranks(model, data, split, cfg.eval_batch_size, cfg.exclude_history,
-                          cfg.max_pad, users=parts[rank],
-                          precision=precision.resolve(cfg.precision, model.prototypes.device)[0])
+    if sharded_items.sharded(model) is not None:
+        ranks = sharded_items.compute_ranks(model, data, split, parts[rank], cfg.eval_batch_size,
+                                            cfg.exclude_history, cfg.max_pad)
+    else:
+        ranks = compute_ranks(model, data, split, cfg.eval_batch_size, cfg.exclude_history,
+                              cfg.max_pad, users=parts[rank],
+                              precision=precision.resolve(cfg.precision, model.prototypes.device)[0])
     gathered: List[Optional[np.ndarray]] = [None] * world
     dist.all_gather_object(gathered, ranks)
     ranks = np.concatenate(gathered)
@@ -230,24 +240,35 @@ def _train(cfg: Config, device: torch.device, prec: str) -> Dict:
     dist.broadcast_object_list(names, src=0)  # the default name holds the time: rank 0's wins
     run_dir = Path(names[0])
     cfg.run_dir = str(run_dir)
-    model = S4Rec.from_config(data.n_items, cfg).to(device)
+    model = S4Rec.from_config(data.n_items, cfg)  # the same initial model on every rank
+    if cfg.shard_items:
+        if data.n_items < world:
+            raise ConfigError(f"--shard-items needs at least one item per rank: {data.n_items} "
+                              f"items, {world} ranks")
+        sharded_items.shard_model(model, world, rank)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     augmenter = make_augmenter(cfg, data, model.encoder.mask_id)
     state = checkpoint.new_state()
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     if cfg.resume:
-        state = checkpoint.restore(last_path, model, optimizer, device, cfg.patience)["state"]
+        state = restore(last_path, model, optimizer, device, cfg.patience)
         say(f"resumed {run_dir} at epoch {state['epoch']} on {world} ranks")
-    for p in model.parameters():  # rank 0's model, whatever happened elsewhere
+    for p in sharded_items.replicated_parameters(model):  # rank 0's, whatever happened elsewhere
         dist.broadcast(p.data, src=0)
-    say(f"data parallel over {world} rank(s) ({dist.get_backend()}), global batch {cfg.batch_size}")
+    table = sharded_items.sharded(model)
+    split = (f"; item table split by rows, rank 0 holds [{table.start}, {table.stop}) of "
+             f"{data.n_items}" if table is not None else "")
+    say(f"data parallel over {world} rank(s) ({dist.get_backend()}), global batch "
+        f"{cfg.batch_size}{split}")
     if rank == 0:
         checkpoint.save_json(to_dict(cfg), run_dir / "config.json")
         save_mapping(data, run_dir)
 
     def save_last():
+        model_state, optimizer_state = full_states(model, optimizer)  # every rank takes part
         if rank == 0:
-            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoint.save({"model": model_state, "optimizer": optimizer_state,
                              "scheduler": None, "state": state, "rng": None,
                              "config": to_dict(cfg)}, last_path)
 
@@ -265,8 +286,9 @@ def _train(cfg: Config, device: torch.device, prec: str) -> Dict:
             stats["eval_seconds"] = time.time() - t0
             if stats["valid"]["ndcg@20"] > state["best_score"]:
                 state.update(best_score=stats["valid"]["ndcg@20"], best_epoch=epoch, bad_evals=0)
+                model_state, _ = full_states(model, None)
                 if rank == 0:
-                    checkpoint.save({"model": model.state_dict(), "config": to_dict(cfg),
+                    checkpoint.save({"model": model_state, "config": to_dict(cfg),
                                      "epoch": epoch, "valid": stats["valid"]}, best_path)
             else:
                 state["bad_evals"] += 1
@@ -281,7 +303,7 @@ def _train(cfg: Config, device: torch.device, prec: str) -> Dict:
     save_last()
     dist.barrier()
     if best_path.exists():
-        model.load_state_dict(torch.load(best_path, map_location=device)["model"])
+        load_model(model, torch.load(best_path, map_location="cpu")["model"])
     valid, test = evaluate(model, data, "valid", head, cfg), evaluate(model, data, "test", head, cfg)
     say(format_table(valid, f"valid (best epoch {state['best_epoch']})"))
     say(format_table(test, "test"))
@@ -295,6 +317,36 @@ def _train(cfg: Config, device: torch.device, prec: str) -> Dict:
         checkpoint.save_json(results, run_dir / "metrics.json")
         say(f"wrote {run_dir / 'metrics.json'}")
     return results
+
+
+def full_states(model, optimizer):
+    """(model, optimizer) state dicts in the single-process layout; with a sharded item table,
+    gathered to rank 0 (None elsewhere; every rank must call). optimizer None: None."""
+    if sharded_items.sharded(model) is None:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    model_state = sharded_items.full_model_state(model)
+    if optimizer is None:
+        return model_state, None
+    return model_state, sharded_items.full_optimizer_state(model, optimizer)
+
+
+def load_model(model, state) -> None:
+    """Load a single-process state dict, slicing the item table when it is sharded."""
+    if sharded_items.sharded(model) is None:
+        model.load_state_dict(state)
+    else:
+        sharded_items.load_full_state(model, None, state)
+
+
+def restore(path: Path, model, optimizer, device, patience: int) -> Dict:
+    """checkpoint.restore, slicing the item table and its Adam state when it is sharded;
+    returns the loop state."""
+    if sharded_items.sharded(model) is None:
+        return checkpoint.restore(path, model, optimizer, device, patience)["state"]
+    ckpt = checkpoint.load(path, "cpu")  # the whole table on the host, sliced before the device
+    sharded_items.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+    ckpt["state"]["stopped"] = ckpt["state"]["bad_evals"] >= patience
+    return ckpt["state"]
 
 
 def _interrupt(signum, frame):

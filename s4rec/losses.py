@@ -44,24 +44,30 @@ def needs_views(cfg: Config) -> bool:
 
 def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor], kind: str = "ce",
             negatives: Optional[List[Tensor]] = None,
-            shared: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+            shared: Optional[Tuple[Tensor, Tensor]] = None, shard=None) -> Tensor:
     """L_SR over every non-padded position; padding is never scored.
 
     "ce": softmax over every item (eq. 1). "bce": SASRec's binary cross-entropy on the target and
     one negative per position (`negatives`, aligned with `targets`). "sampled": softmax over the
     target and M negatives shared by the batch (`shared` = item ids (M,) and log Q of every item id
     (V + 1,), Q the probability that one draw gives the item), every logit corrected
-    by -log(M Q), and a negative equal to the target left out."""
+    by -log(M Q), and a negative equal to the target left out.
+
+    `shard` (a VocabShard, "ce" only): `item_table` is this rank's rows of the table, and the
+    loss is this rank's share of the vocabulary-parallel softmax (its rows' sum over the count of
+    every rank's rows)."""
+    if shard is not None and kind != "ce":
+        raise ValueError(f"sr_loss: a sharded item table supports kind 'ce' only, got {kind!r}")
     if kind == "ce" and resolve_backend("item_softmax_ce", "auto", item_table) == "triton":
         # every position, padding (id 0 -> row -1) ignored by the kernels, which skip it
         # without waiting for the device (selecting the real positions here would wait)
         h = torch.cat([hb.flatten(0, 1) for hb in hidden])  # (B L, d)
         t = torch.cat([tb.flatten() for tb in targets]) - 1
-        return item_softmax_ce(*op_inputs(h, item_table), t, ignore_index=-1)
+        return item_softmax_ce(*op_inputs(h, item_table), t, ignore_index=-1, shard=shard)
     h = torch.cat([hb[tb > 0] for hb, tb in zip(hidden, targets)])  # (N, d)
     t = torch.cat([tb[tb > 0] for tb in targets]) - 1  # item id -> row of the item table
     if kind == "ce":
-        return item_softmax_ce(*op_inputs(h, item_table), t)
+        return item_softmax_ce(*op_inputs(h, item_table), t, shard=shard)
     pos = (h * item_table[t]).sum(1)  # (N,)
     if kind == "bce":
         n = torch.cat([nb[tb > 0] for nb, tb in zip(negatives, targets)]) - 1
@@ -118,17 +124,19 @@ def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau
     return total
 
 
-def compute_losses(model: S4Rec, batch: Batch, cfg: Config,
-                   group=None) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+def compute_losses(model: S4Rec, batch: Batch, cfg: Config, group=None,
+                   shard=None) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
     """Every active term of the objective, unweighted, and the users' assigned clusters h(u).
 
     The clustering, contrast and distillation terms see z through the projection head (identity
     with --proj-head none); the adversary sees z itself. With --prototypes kmeans the prototypes
-    are fixed K-means centroids and h(u) is the nearest one."""
+    are fixed K-means centroids and h(u) is the nearest one. `group` runs Sinkhorn and the
+    contrast across the ranks; `shard` is the VocabShard of a sharded item table (L_SR
+    vocabulary parallel)."""
     w = weights(cfg)
     z, hidden = model.encoder.encode(batch.original)  # (B, d)
     terms = {"sr": sr_loss(model.encoder.item_table(), hidden, batch.original.targets, cfg.sr_loss,
-                           batch.original.negatives, batch.shared)}
+                           batch.original.negatives, batch.shared, shard)}
     assign = None
     if w["clust"] > 0 or needs_views(cfg):
         zp = model.project(z)

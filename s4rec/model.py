@@ -101,14 +101,19 @@ class SASRec(nn.Module):
         self.apply(_init_weights)
 
     def item_table(self) -> Tensor:
-        """Embeddings of the real items 1..n_items, as rows 0..n_items-1 (V, d)."""
+        """Embeddings of the real items 1..n_items, as rows 0..n_items-1 (V, d); with a sharded
+        table (s4rec.sharded_items), this rank's rows of it."""
+        if hasattr(self.item_emb, "item_table"):
+            return self.item_emb.item_table()
         return self.item_emb.weight[1:self.n_items + 1]
 
-    def forward(self, seqs: Tensor) -> Tensor:
-        """seqs (b, l) left-padded item ids, l <= max_len -> hidden states (b, l, d)."""
+    def forward(self, seqs: Tensor, emb: Optional[Tensor] = None) -> Tensor:
+        """seqs (b, l) left-padded item ids, l <= max_len -> hidden states (b, l, d). `emb`, when
+        given, is the item embedding of seqs (b, l, d), looked up already."""
         b, l = seqs.shape
         pos = torch.arange(self.max_len - l, self.max_len, device=seqs.device)
-        x = self.drop(self.norm(self.item_emb(seqs) + self.pos_emb(pos)))  # (b, l, d)
+        emb = self.item_emb(seqs) if emb is None else emb
+        x = self.drop(self.norm(emb + self.pos_emb(pos)))  # (b, l, d)
         valid = seqs != 0
         causal = torch.ones(l, l, dtype=torch.bool, device=seqs.device).tril()
         # a query sees earlier real items; a padding query sees itself only, so no row is empty
@@ -119,7 +124,11 @@ class SASRec(nn.Module):
 
     def encode(self, packed: Packed) -> Tuple[Tensor, List[Tensor]]:
         """Encode a packed batch -> (z (B, d) the last position of every sequence, per-bucket H)."""
-        hidden = [self(seqs) for _, seqs in packed.groups]  # (b, l, d) each
+        seqs = [s for _, s in packed.groups]
+        # a sharded table looks up every bucket's items in one collective over the ranks
+        embed_groups = getattr(self.item_emb, "embed_groups", None)
+        embs = embed_groups(seqs) if embed_groups else [None] * len(seqs)
+        hidden = [self(s, e) for s, e in zip(seqs, embs)]  # (b, l, d) each
         order = torch.cat([rows for rows, _ in packed.groups])
         last = torch.cat([h[:, -1] for h in hidden])  # (B, d) in bucket order
         z = last[torch.argsort(order)]  # (B, d) in batch order

@@ -248,6 +248,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         with default_backend(cfg.kernels), logits_budget(cfg.logits_budget_mb):
             if distributed.launched():  # torchrun: data parallel over its ranks
                 return distributed.main(cfg)
+            if cfg.shard_items:
+                raise ConfigError("--shard-items splits the item table across the ranks of a "
+                                  "torchrun run; start it with torchrun --nproc_per_node W -m "
+                                  "s4rec.train, or give --shard-items false")
             if cfg.seeds:
                 run_seeds(cfg, parse_seeds(cfg.seeds))
             else:

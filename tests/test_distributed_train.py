@@ -1,6 +1,9 @@
 """`torchrun -m s4rec.train` on CPU with gloo: a 2-rank run against a 1-rank run of the same seed
 (losses of every epoch and the metrics), --resume from 2 ranks to 1 and from 1 to 2, and a rank
-that is stopped mid-run ending the whole run with its one-line message."""
+that is stopped mid-run ending the whole run with its one-line message. With --shard-items: the
+sharded item lookup against nn.Embedding, a sharded 2-rank run against the unsharded 1- and 2-rank
+runs, its checkpoint in the single-process layout, --resume between sharded and unsharded runs,
+and the one-line error without torchrun."""
 
 import json
 import os
@@ -12,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from _spawn import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--hidden", "16", "--layers", "1", "--n-clusters", "8", "--batch-size", "64",
@@ -38,9 +44,9 @@ def _run(world, args, cwd):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    """240 users over 60 items, 5 to 20 interactions each."""
+    """240 users over 61 items (an odd count: uneven slices), 5 to 20 interactions each."""
     rng = np.random.default_rng(0)
-    lines = [" ".join(map(str, [u + 1, *rng.integers(1, 61, rng.integers(5, 21))]))
+    lines = [" ".join(map(str, [u + 1, *rng.integers(1, 62, rng.integers(5, 21))]))
              for u in range(240)]
     path = tmp_path_factory.mktemp("data") / "small.txt"
     path.write_text("\n".join(lines) + "\n")
@@ -119,3 +125,109 @@ def test_a_stopped_rank_ends_every_rank(data_file, tmp_path):
     assert proc.returncode != 0
     assert time.time() - started < 60
     assert "error on rank 1: Interrupted: SIGTERM" in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# --shard-items
+# ----------------------------------------------------------------------------------------------
+
+SHARD = ["--shard-items", "true"]
+
+
+def _lookup_worker(rank, world):
+    """Rank r looks up its own ids (items of both slices, padding, the mask token; rank 1 calls
+    twice, the second time with no ids); the values, the slice's gradient and the summed mask
+    gradient must equal nn.Embedding's on all ids."""
+    import torch
+
+    from s4rec.sharded_items import ShardedItemEmbedding, item_slices
+
+    n_items, d = 7, 3
+    torch.manual_seed(0)
+    full = torch.nn.Embedding(n_items + 2, d, padding_idx=0)
+    ids = [torch.tensor([[0, 1, 7, 8], [3, 3, 4, 2]]), torch.tensor([[5, 0, 8], [7, 6, 1]])]
+    weights = [torch.randn(*t.shape, d, generator=torch.Generator().manual_seed(r))
+               for r, t in enumerate(ids)]
+    ref = full(torch.cat([t.flatten() for t in ids]))
+    (ref * torch.cat([w.flatten(0, 1) for w in weights])).sum().backward()
+    start, stop = item_slices(n_items, world)[rank]
+    emb = ShardedItemEmbedding(full, n_items, start, stop)
+    (out,) = emb.embed_groups([ids[rank]])
+    extra = emb.embed_groups([ids[rank][:1]] if rank == 0 else [])
+    (out * weights[rank]).sum().backward()
+    if extra:
+        (0 * extra[0]).sum().backward()
+    emb.flush_grads()
+    mask_grad = emb.mask.grad.clone()
+    torch.distributed.all_reduce(mask_grad)
+    with torch.no_grad():
+        (again,) = emb.embed_groups([ids[rank]])
+    return {"values": bool(torch.equal(out, full(ids[rank])) and torch.equal(again, out)),
+            "grad": float((emb.weight.grad - full.weight.grad[1 + start:1 + stop]).abs().max()),
+            "mask": float((mask_grad - full.weight.grad[n_items + 1]).abs().max()),
+            "rows": stop - start}
+
+
+def test_sharded_lookup_matches_embedding():
+    results = run_group(2, _lookup_worker, timeout=120)
+    assert [r["rows"] for r in results] == [3, 4]
+    for r in results:
+        assert r["values"] and r["grad"] < 1e-6 and r["mask"] < 1e-6, r
+
+
+@pytest.fixture(scope="module")
+def sharded_two(tmp_path_factory, data_file):
+    run_dir = tmp_path_factory.mktemp("sharded") / "w2"
+    proc = _run(2, ["--data", data_file, "--epochs", "2", "--run-dir", str(run_dir), *FAST,
+                    *SHARD], run_dir.parent)
+    return run_dir, proc
+
+
+def test_sharded_items_match_unsharded_and_one_rank(one_and_two, sharded_two):
+    run_dir, proc = sharded_two
+    assert "item table split by rows, rank 0 holds [0, 30) of 61" in proc.stdout
+    for world in (1, 2):
+        straight = one_and_two[world][0]
+        _same_losses(_log(straight), _log(run_dir))
+        for split in ("valid", "test"):
+            for group in ("overall", "head", "tail"):
+                assert _metrics(run_dir)[split][group] == pytest.approx(
+                    _metrics(straight)[split][group], abs=1e-12)
+    # the checkpoint holds the whole table and Adam's state in the single-process layout
+    ours = torch.load(run_dir / "last.pt", weights_only=True)
+    theirs = torch.load(one_and_two[2][0] / "last.pt", weights_only=True)
+    assert list(ours["model"]) == list(theirs["model"])
+    assert ours["model"]["encoder.item_emb.weight"].shape == (63, 16)
+    for key, value in theirs["model"].items():
+        assert torch.allclose(ours["model"][key].cpu(), value.cpu(), rtol=1e-4, atol=1e-6), key
+    assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
+    for index, entry in theirs["optimizer"]["state"].items():
+        for key, value in entry.items():
+            assert torch.allclose(ours["optimizer"]["state"][index][key].cpu(), value.cpu(),
+                                  rtol=1e-4, atol=1e-7), (index, key)
+
+
+@pytest.mark.parametrize("first,then", [((2, SHARD), (1, ["--shard-items", "false"])),
+                                        ((1, []), (2, SHARD))], ids=["2sharded-1", "1-2sharded"])
+def test_resume_between_sharded_and_unsharded(one_and_two, data_file, tmp_path, first, then):
+    run_dir = tmp_path / "run"
+    _run(first[0], ["--data", data_file, "--epochs", "1", "--run-dir", str(run_dir), *FAST,
+                    *first[1]], tmp_path)
+    proc = _run(then[0], ["--resume", str(run_dir), "--epochs", "2", *then[1]], tmp_path)
+    assert f"resumed {run_dir} at epoch 1 on {then[0]} ranks" in proc.stdout
+    straight = one_and_two[then[0]][0]
+    _same_losses(_log(run_dir), _log(straight))
+    for split in ("valid", "test"):
+        assert _metrics(run_dir)[split]["overall"] == pytest.approx(
+            _metrics(straight)[split]["overall"], abs=1e-12)
+
+
+def test_shard_items_without_torchrun_is_one_line(capsys, monkeypatch):
+    from s4rec import train
+
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.main(["--shard-items", "true", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --shard-items splits the item table across the ranks")
+    assert len(err.splitlines()) == 1

@@ -16,7 +16,7 @@ from benchmarks.gpu_check import Log, read_rows  # noqa: E402
 
 SCRIPT = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--rehearse"]
 STEPS = ("env", "smoke", "accuracy", "kernels", "peers-eager", "peers-compiled", "peers-liger",
-         "peers-cce", "tests")
+         "peers-cce", "tests", "dist")
 
 
 def test_rehearsal_runs_every_step_and_passes(tmp_path):
@@ -34,7 +34,7 @@ def test_rehearsal_runs_every_step_and_passes(tmp_path):
     for r in rows:
         by_step.setdefault(r["step"], []).append(r)
     # each step measured something: its own rows besides the end marker
-    for step in ("env", "smoke", "accuracy", "kernels", "peers", "tests"):
+    for step in ("env", "smoke", "accuracy", "kernels", "peers", "tests", "dist"):
         assert len(by_step.get(step, [])) >= 2 or step == "peers", step
     smoke = {r["name"] for r in by_step["smoke"]}
     for op in ("item_softmax_ce", "info_nce_proto", "sinkhorn", "item_rank", "item_topk"):

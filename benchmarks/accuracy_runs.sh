@@ -3,7 +3,7 @@
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
 #   bash benchmarks/accuracy_runs.sh [GROUP ...]
-#   groups: beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search
+#   groups: beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search search-seeds
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
@@ -75,7 +75,12 @@ for group in $GROUPS_WANTED; do
             run beauty-search-scl-s1 "search: mlp head, length views, contrast only" $B $P --alpha 0 --beta2 0 --lam 0 --seed 1
             run beauty-search-proj-s1 "search: mlp head, length views" $B $P --seed 1
             run beauty-search-ckd-s1 "search: mlp head, length views, tau3 0.05" $B $P --tau3 0.05 --seed 1 ;;
-        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search)" >&2; exit 2 ;;
+        search-seeds)  # the best search setting so far (mlp head, length views, no adversary), seeds 2 and 3
+            P="--preset beauty --proj-head mlp --augment length"
+            for seed in 2 3; do
+                run beauty-search-nogr-s$seed "search: mlp head, length views, no adversary" $B $P --lam 0 --seed $seed
+            done ;;
+        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search search-seeds)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

@@ -139,7 +139,12 @@ def run_one(cfg: Config) -> Dict:
     if cfg.resume:
         ckpt = checkpoint.restore(last_path, model, optimizer, device, cfg.patience)
         state = ckpt["state"]
-        checkpoint.set_rng_state(ckpt["rng"], rng)
+        if ckpt["rng"] is not None:
+            checkpoint.set_rng_state(ckpt["rng"], rng)
+        else:  # a torchrun run's draws come from (seed, epoch, user): go on from a fresh stream
+            rng = seed_everything(cfg.seed + 1_000_003 * state["epoch"])
+            print(f"note: {run_dir} was trained under torchrun; this process continues it with "
+                  "its own random stream, not the one a torchrun resume would use")
         write_log(run_dir, state["history"])
         print(f"resumed {run_dir} at epoch {state['epoch']}")
     checkpoint.save_json(to_dict(cfg), run_dir / "config.json")

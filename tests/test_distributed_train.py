@@ -103,6 +103,20 @@ def test_resume_with_another_world_size(one_and_two, data_file, tmp_path, first,
     _same_losses(_log(run_dir), _log(straight))
 
 
+def test_plain_process_resumes_a_torchrun_run(data_file, tmp_path):
+    """A torchrun checkpoint has no generator state (its draws come from seed, epoch and user): a
+    plain `python -m s4rec.train --resume` goes on with a fresh stream and says so."""
+    run_dir = tmp_path / "run"
+    _run(2, ["--data", data_file, "--epochs", "1", "--run-dir", str(run_dir), *FAST], tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "s4rec.train", "--resume", str(run_dir),
+                           "--epochs", "2"], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "was trained under torchrun" in proc.stdout
+    assert [e["epoch"] for e in _log(run_dir)] == [0, 1]
+    assert _metrics(run_dir)["best_epoch"] in (0, 1)
+
+
 def _children(pid):
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []

@@ -55,7 +55,7 @@ def entry(run_dir: Path, model: str, command: str, device: Optional[str] = None)
         "command": command, "train_seconds": m["train_seconds"],
         "test": _round(m["test"]["overall"]), "valid": _round(m["valid"]["overall"]),
         "test_head": _round(m["test"]["head"]), "test_tail": _round(m["test"]["tail"]),
-        "head_rate_quartiles": [round(q, 3) for q in (m["clusters"].get("head_rate_quartiles") or [])],
+        "head_rate_quartiles": [round(q, 3) for q in (m.get("clusters", {}).get("head_rate_quartiles") or [])],
         "protocol": m["protocol"],
     }
     return out

@@ -309,6 +309,8 @@ def _train(cfg: Config, device: torch.device, prec: str) -> Dict:
     say(format_table(test, "test"))
     results = {"dataset": data.name, "seed": cfg.seed, "users": len(data), "items": data.n_items,
                "best_epoch": state["best_epoch"], "epochs_run": len(state["history"]),
+               "train_seconds": round(sum(h["train_seconds"] + h.get("eval_seconds", 0.0)
+                                          for h in state["history"]), 1),
                "world_size": world, "device": str(device),
                "protocol": protocol(cfg.exclude_history, sr_loss_name(cfg),
                                     precision.describe(prec, cfg.precision)),

@@ -87,6 +87,7 @@ def test_two_ranks_match_one_rank(one_and_two):
     for split in ("valid", "test"):
         for group in ("overall", "head", "tail"):
             assert m2[split][group] == pytest.approx(m1[split][group], abs=1e-12)
+    assert m2["world_size"] == 2 and m2["train_seconds"] > 0  # what benchmarks.accuracy reads
     # rank 0 alone prints: each epoch line and the tables once
     assert proc2.stdout.count("epoch   1 ") == 1
     assert proc2.stdout.count("test\n") == 1

@@ -69,6 +69,10 @@ def interpreter_index_fix() -> bool:
     probe.handle = types.SimpleNamespace(data=np.ones(1, dtype=np.int32))
     try:
         patch(_Probe, scope)
+    except Exception:  # a patch that needs more than this probe: leave the interpreter as is
+        scope.restore()
+        return False
+    try:
         operator.index(probe)
         return False  # the interpreter converts (1,) arrays itself
     except TypeError:

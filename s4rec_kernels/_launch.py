@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
+import os
+import types
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -27,8 +30,62 @@ class Launch:
     num_stages: int = 3
 
     def __call__(self, *args) -> None:
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            interpreter_index_fix()
         self.kernel[self.grid](*args, **self.meta, num_warps=self.num_warps,
                                num_stages=self.num_stages)
+
+
+def _index_of_scalar(self) -> int:
+    return int(self.handle.data.reshape(()))
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_index_fix() -> bool:
+    """Make the Triton interpreter's scalars usable as ``range`` bounds; True if it was needed.
+
+    The interpreter holds a kernel's scalars (arguments, ``tl.program_id``, anything computed
+    from them) as numpy arrays of shape (1,), and a loop ``for i in range(a, b, BLOCK)`` turns
+    ``a`` and ``b`` into Python ints through ``int(array)``. NumPy 2.4 refuses ``int()`` of an
+    array with a dimension, so under Triton 3.6's interpreter (later ones squeeze the array
+    first) every loop with run-time bounds raises TypeError. When the installed interpreter
+    fails that way on a probe, its per-launch patch of ``tl.tensor`` is wrapped so that
+    ``__index__`` reads the one element instead. Only the interpreter is touched: compiled
+    kernels are the same either way.
+    """
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+
+        patch = interpreter._patch_lang_tensor
+        scope = interpreter._LangPatchScope()
+    except (ImportError, AttributeError):  # no Triton, or an interpreter laid out otherwise
+        return False
+
+    class _Probe:
+        pass
+
+    probe = _Probe()
+    probe.handle = types.SimpleNamespace(data=np.ones(1, dtype=np.int32))
+    try:
+        patch(_Probe, scope)
+    except Exception:  # a patch that needs more than this probe: leave the interpreter as is
+        scope.restore()
+        return False
+    try:
+        operator.index(probe)
+        return False  # the interpreter converts (1,) arrays itself
+    except TypeError:
+        pass
+    finally:
+        scope.restore()
+
+    def patch_with_index(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", _index_of_scalar)
+
+    interpreter._patch_lang_tensor = patch_with_index
+    return True
 
 
 def on_device(device: torch.device):

@@ -367,5 +367,8 @@ def main(cfg: Config) -> int:
               file=sys.stderr, flush=True)
         os._exit(3 if isinstance(err, FloatingPointError) else 2)  # no collective waits on exit
     if dist.is_initialized():
+        # every rank leaves together: a rank that tore down its gloo connections while another
+        # still wrote its results was seen to abort in gloo's background thread
+        dist.barrier()
         dist.destroy_process_group()
     return 0

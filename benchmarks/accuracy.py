@@ -69,7 +69,12 @@ def add(run_dir: Path, model: str, command: str, device: Optional[str] = None) -
     new = entry(run_dir, model, command, device)
     path = results_path(new["dataset"])
     rows = json.loads(path.read_text()) if path.exists() else []
-    rows = [r for r in rows if (r["model"], r["seed"]) != (model, new["seed"])] + [new]
+    same = [i for i, r in enumerate(rows) if (r["model"], r["seed"]) == (model, new["seed"])]
+    if same:  # the row keeps its place, so re-adding a finished run leaves the file as it was
+        rows[same[0]] = new
+        rows = [r for i, r in enumerate(rows) if i not in same[1:]]
+    else:
+        rows.append(new)
     path.write_text(json.dumps(rows, indent=2) + "\n")
     return path
 

@@ -36,6 +36,9 @@ def test_add_stores_the_run_and_replaces_the_same_model_and_seed(two_runs, tmp_p
     assert first["valid"]["hit@5"] == round(metrics["valid"]["overall"]["hit@5"], 4)
     assert first["epochs"] == metrics["epochs_run"] and first["best_epoch"] == metrics["best_epoch"]
     assert first["device"].startswith("CPU")
+    accuracy.add(two_runs[0], "S4Rec", "cmd four")  # re-adding keeps the row's place
+    assert [(r["model"], r["seed"], r["command"]) for r in json.loads(path.read_text())] == [
+        ("S4Rec", 1, "cmd four"), ("S4Rec", 2, "cmd two"), ("SR-only", 1, "cmd three")]
 
 
 def test_table_reports_mean_and_std_over_seeds(two_runs, tmp_path, monkeypatch):

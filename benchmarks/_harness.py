@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
+import resource
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -195,6 +198,32 @@ def write_table(op: str, rows: Sequence[Dict], columns: Sequence[str], device: t
     print(f"wrote {stem}.md and .json\n")
     return stem.with_suffix(".md")
 
+
+
+def run_in_process(cmd: Sequence[str], timeout_s: float, mem_limit_gb: Optional[float] = None,
+              env: Optional[Dict[str, str]] = None):
+    """Run one benchmark point in its own process (the repository on its path, its address space
+    capped at `mem_limit_gb` on a CPU, every process it starts included). Returns (result,
+    process): result is the point's `RESULT {json}` line, or a timeout status (process None), or
+    None when no such line came (the caller reads the process's output)."""
+    limit = int(mem_limit_gb * 2**30) if mem_limit_gb and not torch.cuda.is_available() else None
+
+    def limit_memory():
+        if limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    root = Path(__file__).resolve().parents[1]
+    full_env = {**os.environ, **(env or {}),
+                "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s,
+                              cwd=root, env=full_env, preexec_fn=limit_memory)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout ({timeout_s:.0f} s)"}, None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):]), proc
+    return None, proc
 
 def add_out_flags(parser: argparse.ArgumentParser) -> None:
     """--out DIR, or --save for the committed tables in benchmarks/results/ (args.out: a Path or

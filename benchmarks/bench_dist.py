@@ -26,16 +26,14 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ._harness import SCRATCH, add_out_flags, device_label, write_table
+from ._harness import SCRATCH, add_out_flags, device_label, run_in_process, write_table
 
 SIZES = {"cpu": (10_000, 100_000, 1_000_000), "cuda": (1_000_000, 10_000_000)}
 MODES = ("dp", "shard")
@@ -192,23 +190,11 @@ def spawn_point(world: int, v: int, mode: str, steps: int, batch_size: int, thre
            str(world), "-m", "benchmarks.bench_dist", "--point", str(v), mode, "--steps",
            str(steps), "--batch-size", str(batch_size), "--threads", str(threads), "--backend",
            backend]
-    limit = int(mem_limit_gb * 2**30) if mem_limit_gb and not torch.cuda.is_available() else None
-
-    def limit_memory():  # per process: torchrun and each rank
-        if limit:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": str(threads)}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root,
-                              env=env, preexec_fn=limit_memory)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout ({timeout_s:.0f} s)"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+    # the limit holds for torchrun and each rank it starts
+    result, proc = run_in_process(cmd, timeout_s, mem_limit_gb,
+                                  env={"OMP_NUM_THREADS": str(threads)})
+    if result is not None:
+        return result
     text = proc.stderr + proc.stdout
     lines = [ln for ln in text.strip().splitlines() if ln.strip()] or ["no output"]
     if "MemoryError" in text or "out of memory" in text.lower() or "allocate" in text or \

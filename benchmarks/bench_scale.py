@@ -31,7 +31,6 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ._harness import SCRATCH, add_out_flags, device_label, device_slug, is_oom, write_table
+from ._harness import (SCRATCH, add_out_flags, device_label, device_slug, is_oom,
+                       run_in_process, write_table)
 
 SIZES = {"cpu": (10_000, 100_000, 1_000_000), "cuda": (10_000, 100_000, 1_000_000, 10_000_000)}
 WORKLOADS = ("SR only", "S4Rec", "eval", "SR loss")
@@ -170,24 +170,9 @@ def spawn_point(v: int, workload: str, provider: str, reps: int, threads: int,
     cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--point", str(v), workload, provider,
            "--reps", str(reps), "--threads", str(threads), "--batch-size", str(batch_size),
            "--loss-rows", str(loss_rows)]
-    limit = None
-    if mem_limit_gb and not torch.cuda.is_available():
-        limit = int(mem_limit_gb * 2**30)
-
-    def limit_memory():
-        if limit:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root,
-                              env=env, preexec_fn=limit_memory)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout ({timeout_s:.0f} s)"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+    result, proc = run_in_process(cmd, timeout_s, mem_limit_gb)
+    if result is not None:
+        return result
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     if proc.returncode < 0 or "MemoryError" in proc.stderr or "allocate" in proc.stderr:
         return {"status": "OOM", "detail": tail[:200]}  # killed, or failed outside the step

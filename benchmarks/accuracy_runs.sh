@@ -3,7 +3,7 @@
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
 #   bash benchmarks/accuracy_runs.sh [GROUP ...]
-#   groups: beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search search-seeds
+#   groups: beauty ablations seeds ksweep ml-1m ml-1m-search ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-seeds
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
@@ -80,7 +80,15 @@ for group in $GROUPS_WANTED; do
             for seed in 2 3; do
                 run beauty-search-nogr-s$seed "search: mlp head, length views, no adversary" $B $P --lam 0 --seed $seed
             done ;;
-        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m bce-sr bce-s4rec bce-why search search-seeds)" >&2; exit 2 ;;
+        ml-1m-search)  # the Beauty search setting (mlp head, length views, no adversary) on ML-1M, seed 1
+            M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
+            run ml1m-search-nogr-s1 "search: mlp head, length views, no adversary" $M --preset ml-1m --proj-head mlp --augment length --lam 0 --seed 1 ;;
+        ml-1m-sr-seeds)  # SR-only on ML-1M at seeds 2 and 3 (seed 1 is in the ml-1m group)
+            M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
+            for seed in 2 3; do
+                run ml1m-sr-s$seed "SR-only" $M --preset ml-1m --ablation sr-only --seed $seed
+            done ;;
+        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m ml-1m-search ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-seeds)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

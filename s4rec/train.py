@@ -67,14 +67,18 @@ def train_step(model: S4Rec, optimizer, batch, cfg: Config, step: int, where: st
 
 def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, rng, device,
                 step: int, epoch: int, stop: StopFlag):
-    """One pass over the trainable users in random batches; returns (epoch stats, step)."""
+    """One pass over the trainable users in random batches; returns (epoch stats, step).
+    The loss terms and cluster sizes are summed on the device and read once, at the end, so a
+    step waits for the device only in its non-finite check (and, with --progress, at most once a
+    second for the bar's loss)."""
     model.train()
     n_batches = max(1, math.ceil(len(trainable) / cfg.batch_size))
     batches = np.array_split(rng.permutation(trainable), n_batches)
-    sums = {}
-    counts = np.zeros(cfg.n_clusters, dtype=np.int64)
+    sums = counts = None
+    names: List[str] = []
     real = encoded = 0
     bar = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, file=sys.stdout)
+    next_postfix = time.monotonic()
     shares = {} if cfg.grad_share else None
     extra = {}
     if cfg.prototypes == "kmeans" and (cfg.beta1 > 0 or cfg.beta2 > 0):
@@ -86,17 +90,21 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
         loss, terms, assign = train_step(model, optimizer, batch, cfg, step, f"epoch {epoch}, ",
                                          shares if i == 0 else None)
         step += 1
-        for name, value in [*terms.items(), ("total", loss)]:
-            sums[name] = sums.get(name, 0.0) + value.item()
+        names = [*terms, "total"]
+        values = torch.stack([v.detach().to(torch.float64) for v in (*terms.values(), loss)])
+        sums = values if sums is None else sums + values
         if assign is not None:
-            counts += np.bincount(assign.cpu().numpy(), minlength=cfg.n_clusters)
+            sizes = torch.bincount(assign, minlength=cfg.n_clusters)
+            counts = sizes if counts is None else counts + sizes
         real += batch.original.n_real
         encoded += batch.original.n_encoded
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    stats = {f"loss_{k}": v / len(batches) for k, v in sums.items()}
+        if cfg.progress and time.monotonic() >= next_postfix:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            next_postfix = time.monotonic() + 1.0
+    stats = {f"loss_{k}": v / len(batches) for k, v in zip(names, sums.tolist())}
     stats.update({f"grad_share_{k}": v for k, v in (shares or {}).items()}, **extra)
-    if counts.sum():
-        stats.update(cluster_health(counts))
+    if counts is not None and counts.sum():
+        stats.update(cluster_health(counts.cpu().numpy()))
     stats["padding_share"] = 1.0 - real / max(encoded, 1)
     return stats, step
 

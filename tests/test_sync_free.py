@@ -119,6 +119,29 @@ def test_a_training_step_through_the_kernels_waits_at_most_once():
     assert len(seen) <= 1, seen
 
 
+def test_a_training_epoch_waits_once_a_step_and_reads_its_sums_at_the_end():
+    from dataclasses import replace
+
+    from s4rec.checkpoint import StopFlag
+
+    model, optimizer, batch, cfg = _setup()
+    cfg = replace(cfg, progress=False, grad_share=False)
+    data = synthetic(n_users=120, n_items=90, n_intents=4)
+    trainable = np.flatnonzero(data.lengths >= 4)[:96]  # three batches of 32
+    augmenter = Augmenter(mask_id=model.encoder.mask_id, pool=train.training_pool(data))
+    device = model.prototypes.device
+    with _dispatch.default_backend("triton"):
+        train.train_step(model, optimizer, batch, cfg, 0)  # warm-up: compiles, caches
+        with count_waits() as seen:
+            stats, step = train.train_epoch(model, optimizer, data, trainable, head_users(data),
+                                            cfg, augmenter, np.random.default_rng(1), device, 1, 0,
+                                            StopFlag())
+    assert step == 4
+    assert len(seen) <= 3 + 2, seen  # each step's non-finite check; the sums and the cluster sizes
+    assert {"loss_sr", "loss_total", "loss_clust"} <= set(stats)
+    assert np.isfinite(stats["loss_total"]) and stats["loss_total"] > 0
+
+
 def test_out_of_range_targets_poison_the_loss_and_the_step_names_them():
     h, items = torch.randn(6, 8), torch.randn(5, 8)
     targets = torch.tensor([0, 4, -1, 7, 2, 3])

@@ -183,13 +183,13 @@ def evaluate(model, data, split: str, head: np.ndarray, cfg: Config) -> Dict[str
     """metrics.evaluate with the users split across the ranks; equal to a single process's."""
     rank, world = dist.get_rank(), dist.get_world_size()
     parts = np.array_split(np.arange(len(data)), world)
+    prec = precision.resolve(cfg.precision, model.prototypes.device)[0]
     if sharded_items.sharded(model) is not None:
         ranks = sharded_items.compute_ranks(model, data, split, parts[rank], cfg.eval_batch_size,
-                                            cfg.exclude_history, cfg.max_pad)
+                                            cfg.exclude_history, cfg.max_pad, prec)
     else:
         ranks = compute_ranks(model, data, split, cfg.eval_batch_size, cfg.exclude_history,
-                              cfg.max_pad, users=parts[rank],
-                              precision=precision.resolve(cfg.precision, model.prototypes.device)[0])
+                              cfg.max_pad, users=parts[rank], precision=prec)
     gathered: List[Optional[np.ndarray]] = [None] * world
     dist.all_gather_object(gathered, ranks)
     ranks = np.concatenate(gathered)

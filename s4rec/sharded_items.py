@@ -47,6 +47,7 @@ from s4rec_kernels.distributed import VocabShard, gather_rows
 from .config import ConfigError
 from .data import history_csr, split_input, split_target
 from .model import S4Rec, pack
+from .precision import autocast, op_inputs
 
 PREFIX = "encoder.item_emb."  # the item table's keys in a state dict
 
@@ -296,9 +297,11 @@ def load_full_state(model: S4Rec, optimizer, model_state: Dict[str, Tensor],
 
 @torch.no_grad()
 def compute_ranks(model: S4Rec, data, split: str, users: np.ndarray, batch_size: int,
-                  exclude_history: str = "all", max_pad: float = 1 / 3) -> np.ndarray:
-    """metrics.compute_ranks over the sharded table for this rank's ``users``. Every rank calls
-    it; each runs the same number of batches (the lookups and item_rank are collectives)."""
+                  exclude_history: str = "all", max_pad: float = 1 / 3,
+                  precision: str = "fp32") -> np.ndarray:
+    """metrics.compute_ranks over the sharded table for this rank's ``users``, at `precision` as
+    there. Every rank calls it; each runs the same number of batches (the lookups and item_rank
+    are collectives)."""
     emb = sharded(model)
     sizes = _row_sizes(len(users), emb.group, emb.weight.device)
     if min(sizes) == 0:
@@ -309,17 +312,20 @@ def compute_ranks(model: S4Rec, data, split: str, users: np.ndarray, batch_size:
     device = emb.weight.device
     ranks = []
     try:
-        for part in np.array_split(np.asarray(users), n_batches):
-            packed = pack(split_input(data, part, split), model.encoder.max_len, max_pad, device)
-            z, _ = model.encoder.encode(packed)  # (b, d)
-            targets = torch.as_tensor(split_target(data, part, split) - 1, device=device)
-            if exclude_history == "all":
-                indptr, indices = history_csr(data, part, split)
-            else:
-                indptr, indices = np.zeros(len(part) + 1, np.int64), np.zeros(0, np.int64)
-            rank = item_rank(z, emb.item_table(), targets, torch.as_tensor(indptr, device=device),
-                             torch.as_tensor(indices, device=device), shard=emb.shard)
-            ranks.append(rank.cpu().numpy())
+        with autocast(precision, device):
+            for part in np.array_split(np.asarray(users), n_batches):
+                packed = pack(split_input(data, part, split), model.encoder.max_len, max_pad,
+                              device)
+                z, _ = model.encoder.encode(packed)  # (b, d)
+                targets = torch.as_tensor(split_target(data, part, split) - 1, device=device)
+                if exclude_history == "all":
+                    indptr, indices = history_csr(data, part, split)
+                else:
+                    indptr, indices = np.zeros(len(part) + 1, np.int64), np.zeros(0, np.int64)
+                rank = item_rank(*op_inputs(z, emb.item_table()), targets,
+                                 torch.as_tensor(indptr, device=device),
+                                 torch.as_tensor(indices, device=device), shard=emb.shard)
+                ranks.append(rank.cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(ranks)

@@ -190,6 +190,37 @@ def test_sharded_lookup_matches_embedding():
         assert r["values"] and r["grad"] < 1e-6 and r["mask"] < 1e-6, r
 
 
+def _ranks_worker(rank, world):
+    """Ranks of a random model over a 301-item table, sharded against one process, at fp32 and
+    under bf16 autocast (which moves some users' ranks: the test checks that it does)."""
+    import numpy as np
+    import torch
+
+    from s4rec import metrics, sharded_items
+    from s4rec.data import synthetic
+    from s4rec.model import S4Rec
+
+    data = synthetic(n_users=90, n_items=301, n_intents=4)
+    torch.manual_seed(0)
+    model = S4Rec(data.n_items, 16, 2, 1, 0.0, 50, 8)
+    users = np.arange(len(data))
+    precisions = ("fp32", "bf16")
+    whole = {p: metrics.compute_ranks(model, data, "test", 16, users=users, precision=p)
+             for p in precisions}
+    sharded_items.shard_model(model, world, rank)
+    mine = np.array_split(users, world)[rank]
+    split = {p: sharded_items.compute_ranks(model, data, "test", mine, 16, precision=p)
+             for p in precisions}
+    return {"same": {p: bool(np.array_equal(split[p], whole[p][mine])) for p in precisions},
+            "bf16 moves ranks": int((whole["bf16"] != whole["fp32"]).sum())}
+
+
+def test_sharded_ranks_follow_the_precision():
+    for r in run_group(2, _ranks_worker, timeout=120):
+        assert r["same"] == {"fp32": True, "bf16": True}, r
+        assert r["bf16 moves ranks"] > 0, r
+
+
 @pytest.fixture(scope="module")
 def sharded_two(tmp_path_factory, data_file):
     run_dir = tmp_path_factory.mktemp("sharded") / "w2"

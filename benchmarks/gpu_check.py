@@ -541,7 +541,7 @@ def step_kernels(log: Log, rehearse: bool) -> None:
                     _measure(log, f"item_softmax_ce {label} {mode}", call, device, rehearse,
                              moved, gemms * 2.0 * n * v * d, exp_passes * n * v,
                              N=n, V=v, d=d, dtype=label, mode=mode)
-                del h, e, t, graph
+                h = e = t = graph = modes = None  # free them (the lambdas close over them)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     for b, k in ([(50, 13), (300, 301)] if rehearse else [(512, 128), (4096, 1024)]):
@@ -630,7 +630,7 @@ def step_peers(log: Log, rehearse: bool, provider: str) -> None:
         _measure(log, f"item_softmax_ce {provider} {n}x{v}x{d} forward+backward", both,
                  device, rehearse, 4 * v * d * h.element_size(), 5 * 2.0 * n * v * d,
                  3.0 * n * v, provider=provider, N=n, V=v, d=d, mode="forward+backward")
-        del h, e, t
+        h = e = t = both = None  # free them (the lambda closes over them)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

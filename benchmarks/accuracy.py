@@ -3,12 +3,16 @@ print the README's table from those files.
 
   python -m benchmarks.accuracy add RUN_DIR --model "w/o GR" --command "python -m s4rec.train ..."
   python -m benchmarks.accuracy table [--dataset Beauty]
+  python -m benchmarks.accuracy bar --dataset Beauty --model "S4Rec" [--base "SR-only"]
 
 `add` reads RUN_DIR/metrics.json (written by `python -m s4rec.train` at the end of a run) and
 stores one object per run: dataset, model, seed, epochs, best epoch, device, date, command, wall
 time, and the valid / test metrics overall and for head and tail users, with the head-rate
 quartiles. A run already stored under the same model and seed is replaced. `table` prints one row
 per model: the test metrics (mean +- std when there are several seeds) and the validation ndcg@20.
+`bar` holds a model to the base on test hit@20 and ndcg@20: the relative gain of the seed means
+(at least +3%), the mean of the seed-paired gaps against twice their standard deviation, and the
+tail users' gain against the head users'; it prints a table and a verdict line.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -120,6 +124,61 @@ def table(dataset: str) -> str:
     return "\n".join(lines)
 
 
+BAR_GAIN = 0.03  # the relative gain of the seed means a model must reach on both metrics
+BAR_METRICS = ("hit@20", "ndcg@20")
+
+
+def _mean(rows: List[Dict], key: str, metric: str) -> float:
+    return statistics.mean(r[key][metric] for r in rows)
+
+
+def bar(dataset: str, model: str, base: str = "SR-only") -> Tuple[str, bool]:
+    """(markdown table and verdict line, whether `model` clears the bar over `base`)."""
+    path = results_path(dataset)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    rows = json.loads(path.read_text())
+    ours = {r["seed"]: r for r in rows if r["model"] == model}
+    theirs = {r["seed"]: r for r in rows if r["model"] == base}
+    for name, runs in ((model, ours), (base, theirs)):
+        if not runs:
+            raise ValueError(f"{path}: no rows for model {name!r}")
+    paired = sorted(set(ours) & set(theirs))
+    lines = [f"| test metric | {base} | {model} | gain | paired gap / 2 std (seeds) |",
+             "| --- " * 5 + "|"]
+    failures = []
+    gains = {}
+    for key, label in (("test", ""), ("test_head", "head "), ("test_tail", "tail ")):
+        for metric in BAR_METRICS:
+            b = _mean(list(theirs.values()), key, metric)
+            m = _mean(list(ours.values()), key, metric)
+            gain = (m - b) / b
+            gains[(key, metric)] = gain
+            gaps = [ours[s][key][metric] - theirs[s][key][metric] for s in paired]
+            if len(gaps) > 1:
+                spread = 2 * statistics.stdev(gaps)
+                paired_cell = (f"{statistics.mean(gaps):+.4f} / {spread:.4f} "
+                               f"({','.join(map(str, paired))})")
+            else:
+                spread, paired_cell = None, f"needs 2 paired seeds, has {len(paired)}"
+            lines.append(f"| {label}{metric} | {b:.4f} | {m:.4f} | {gain:+.1%} | {paired_cell} |")
+            if key != "test":
+                continue
+            if gain < BAR_GAIN:
+                failures.append(f"{metric} gain {gain:+.1%} < +{BAR_GAIN:.0%}")
+            if spread is None:
+                failures.append(f"{metric}: {len(paired)} paired seeds")
+            elif statistics.mean(gaps) <= spread:
+                failures.append(f"{metric} gap {statistics.mean(gaps):+.4f} <= 2 std {spread:.4f}")
+    if gains[("test_tail", "ndcg@20")] < gains[("test_head", "ndcg@20")]:
+        failures.append(f"tail gain {gains[('test_tail', 'ndcg@20')]:+.1%} < head gain "
+                        f"{gains[('test_head', 'ndcg@20')]:+.1%} (ndcg@20)")
+    seeds = f"{model} seeds {','.join(map(str, sorted(ours)))}; {base} seeds " \
+            f"{','.join(map(str, sorted(theirs)))}"
+    verdict = ("clears the bar" if not failures else "does not clear the bar: " + "; ".join(failures))
+    return "\n".join(lines) + f"\n\n{dataset}, {seeds}: {model} {verdict}", not failures
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,10 +190,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_add.add_argument("--device", default=None, help="device description (default: this machine)")
     p_table = sub.add_parser("table", help="print the README table")
     p_table.add_argument("--dataset", default="Beauty")
+    p_bar = sub.add_parser("bar", help="hold a model to the base: +3%, 2 std, tail >= head")
+    p_bar.add_argument("--dataset", default="Beauty")
+    p_bar.add_argument("--model", required=True)
+    p_bar.add_argument("--base", default="SR-only")
     args = parser.parse_args(argv)
     try:
         if args.what == "add":
             print(f"wrote {add(args.run_dir, args.model, args.command, args.device)}")
+        elif args.what == "bar":
+            print(bar(args.dataset, args.model, args.base)[0])
         else:
             print(table(args.dataset))
     except (ValueError, KeyError, OSError) as err:

@@ -3,7 +3,7 @@
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
 #   bash benchmarks/accuracy_runs.sh [GROUP ...]
-#   groups: beauty ablations seeds ksweep ml-1m ml-1m-search ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-seeds
+#   groups: beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-ckd
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 EXTRA=${EXTRA:-}
-GROUPS_WANTED=${*:-beauty ablations seeds ksweep ml-1m}
+GROUPS_WANTED=${*:-beauty seeds five-terms ablations ksweep ml-1m ml-1m-seeds}
 
 run() {  # run NAME MODEL-LABEL FLAGS...
     local name=$1 label=$2
@@ -32,29 +32,51 @@ run() {  # run NAME MODEL-LABEL FLAGS...
 }
 
 B="--data $DATA/Beauty.txt --epochs 100"
+M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
+# What --preset beauty / ml-1m held until 2026-12-03 (all five terms), for the rows run with them
+OLD_B="--tau2 0.1 --tau3 1.0"
+OLD_M="--dropout 0.2 --batch-size 128 --lr 2e-3 --train-window random --tau2 0.1 --tau3 1.0
+       --alpha 0.0005 --beta1 0.005 --beta2 0.005 --lam 0.05 --crop-ratio 0.6 --mask-ratio 0.3"
+# The presets' self-supervised part, spelt out in the S4Rec rows' commands as they were run
+BEST="--proj-head mlp --augment length --lam 0"
 for group in $GROUPS_WANTED; do
     case $group in
         beauty)
-            run beauty-s4rec-s1 "S4Rec" $B --preset beauty --seed 1
+            run beauty-search-nogr-s1 "S4Rec" $B --preset beauty $BEST --seed 1
             run beauty-sr-s1 "SR-only" $B --preset beauty --ablation sr-only --seed 1
             run beauty-paper-s1 "S4Rec (paper weights)" $B --preset paper --seed 1 ;;
-        ablations)
-            run beauty-nocsd-s1 "w/o CSD and L_clust" $B --preset beauty --ablation no-ssl --seed 1
-            run beauty-nocsd-clust-s1 "w/o CSD" $B --preset beauty --ablation no-csd --seed 1
-            run beauty-nogr-s1 "w/o GR" $B --preset beauty --ablation no-gr --seed 1 ;;
         seeds)
             for seed in 2 3; do
-                run beauty-s4rec-s$seed "S4Rec" $B --preset beauty --seed $seed
+                run beauty-search-nogr-s$seed "S4Rec" $B --preset beauty $BEST --seed $seed
                 run beauty-sr-s$seed "SR-only" $B --preset beauty --ablation sr-only --seed $seed
             done ;;
+        five-terms)  # S4Rec with all five terms at the paper's weights, tuned temperatures
+            for seed in 1 2 3; do
+                run beauty-s4rec-s$seed "S4Rec, all five terms" $B $OLD_B --seed $seed
+            done ;;
+        ablations)
+            run beauty-nocsd-s1 "w/o CSD and L_clust" $B $OLD_B --ablation no-ssl --seed 1
+            run beauty-nocsd-clust-s1 "w/o CSD" $B $OLD_B --ablation no-csd --seed 1
+            run beauty-nogr-s1 "S4Rec, all five terms, w/o GR" $B $OLD_B --ablation no-gr --seed 1 ;;
+        default)  # --preset default (the terms at x0.05 the paper's weights) on Beauty; on ML-1M it is the S4Rec row's setting
+            run beauty-default-s1 "S4Rec, --preset default" $B --preset default --seed 1 ;;
         ksweep)
             for k in 32 64 256 512; do
-                run beauty-k$k-s1 "K=$k" $B --preset beauty --n-clusters $k --seed 1
+                run beauty-k$k-s1 "K=$k" $B $OLD_B --n-clusters $k --seed 1
             done ;;
         ml-1m)
-            M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
-            run ml1m-s4rec-s1 "S4Rec" $M --preset ml-1m --seed 1
-            run ml1m-sr-s1 "SR-only" $M --preset ml-1m --ablation sr-only --seed 1 ;;
+            run ml1m-search-nogr-s1 "S4Rec" $M --preset ml-1m $BEST --seed 1
+            run ml1m-sr-s1 "SR-only" $M --preset ml-1m --ablation sr-only --seed 1
+            run ml1m-s4rec-s1 "S4Rec, all five terms" $M $OLD_M --seed 1 ;;
+        ml-1m-seeds | ml-1m-sr-seeds)  # seeds 2 and 3 on ML-1M (ml-1m-sr-seeds: SR-only alone)
+            for seed in 2 3; do
+                run ml1m-sr-s$seed "SR-only" $M --preset ml-1m --ablation sr-only --seed $seed
+            done
+            if [[ $group == ml-1m-seeds ]]; then
+                for seed in 2 3; do
+                    run ml1m-search-nogr-s$seed "S4Rec" $M --preset ml-1m $BEST --seed $seed
+                done
+            fi ;;
         bce-sr | bce-s4rec)  # the paper's conditions: SASRec's BCE loss, the paper's weights
             BCE="--data $DATA/Beauty.txt --sr-loss bce --epochs 300 --eval-every 2"
             for seed in ${SEEDS:-1 2 3}; do
@@ -71,24 +93,14 @@ for group in $GROUPS_WANTED; do
             run beauty-bce-why-nockdgr-s1 "S4Rec (bce) w/o CKD and GR, 40 epochs" $W --beta2 0 --lam 0 ;;
         search)  # the self-supervised terms' suspects, on Beauty validation (seed 1)
             P="--preset beauty --proj-head mlp --augment length"
-            run beauty-search-nogr-s1 "search: mlp head, length views, no adversary" $B $P --lam 0 --seed 1
+            run beauty-search-nogr-s1 "S4Rec" $B $P --lam 0 --seed 1
             run beauty-search-scl-s1 "search: mlp head, length views, contrast only" $B $P --alpha 0 --beta2 0 --lam 0 --seed 1
             run beauty-search-proj-s1 "search: mlp head, length views" $B $P --seed 1
             run beauty-search-ckd-s1 "search: mlp head, length views, tau3 0.05" $B $P --tau3 0.05 --seed 1 ;;
-        search-seeds)  # the best search setting so far (mlp head, length views, no adversary), seeds 2 and 3
+        search-ckd)  # the search setting with the distillation switched on (tau3 at the paper's 0.1)
             P="--preset beauty --proj-head mlp --augment length"
-            for seed in 2 3; do
-                run beauty-search-nogr-s$seed "search: mlp head, length views, no adversary" $B $P --lam 0 --seed $seed
-            done ;;
-        ml-1m-search)  # the Beauty search setting (mlp head, length views, no adversary) on ML-1M, seed 1
-            M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
-            run ml1m-search-nogr-s1 "search: mlp head, length views, no adversary" $M --preset ml-1m --proj-head mlp --augment length --lam 0 --seed 1 ;;
-        ml-1m-sr-seeds)  # SR-only on ML-1M at seeds 2 and 3 (seed 1 is in the ml-1m group)
-            M="--data $DATA/ml-1m.txt --epochs 120 --patience 20 --eval-every 2"
-            for seed in 2 3; do
-                run ml1m-sr-s$seed "SR-only" $M --preset ml-1m --ablation sr-only --seed $seed
-            done ;;
-        *) echo "unknown group: $group (beauty ablations seeds ksweep ml-1m ml-1m-search ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-seeds)" >&2; exit 2 ;;
+            run beauty-search-nogr-ckd-s1 "search: mlp head, length views, no adversary, tau3 0.1" $B $P --lam 0 --tau3 0.1 --seed 1 ;;
+        *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-ckd)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

@@ -92,8 +92,10 @@ def length_groups(lengths: np.ndarray, head: np.ndarray, bounds: Sequence[int]) 
     lo = 0
     for hi in [*bounds, None]:
         mask = lengths > lo if hi is None else (lengths > lo) & (lengths <= hi)
-        if mask.any():
-            out[f"length {lo + 1}+" if hi is None else f"length {lo + 1}-{hi}"] = mask
+        if mask.any():  # named by the lengths it holds: "4-5", "6", "9+"
+            first, last = int(lengths[mask].min()), hi
+            name = f"{first}+" if last is None else (f"{first}" if first == last else f"{first}-{last}")
+            out[f"length {name}"] = mask
         lo = hi if hi is not None else lo
     return out
 

@@ -59,6 +59,8 @@ def test_length_groups_partition_the_users_and_skip_empty_ones():
     by_length = np.stack([m for name, m in groups.items() if name.startswith("length")])
     assert (by_length.sum(0) == 1).all()
     assert (groups["head"] ^ groups["tail"]).all()
+    assert list(cr.length_groups(lengths, head, [4, 5, 8]))[3:] == ["length 4", "length 5",
+                                                                   "length 6-8", "length 9+"]
 
 
 @pytest.mark.parametrize("text", ["", "5,3", "0,4", "a,b", "3,3"])

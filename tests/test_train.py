@@ -302,6 +302,19 @@ def test_preset_fills_what_is_not_given_and_flags_win():
     assert getattr(cfg, key) == other
 
 
+def test_sr_only_under_a_preset_builds_the_plain_model():
+    """The presets' projection head and views serve only the self-supervised terms: SR-only under
+    a preset keeps the defaults (the same parameters and random streams as without the preset)."""
+    for name in ("beauty", "ml-1m", "default"):
+        full = train.resolve(["--preset", name])
+        assert (full.proj_head, full.augment, full.lam) == ("mlp", "length", 0.0)
+        sr = train.resolve(["--preset", name, "--ablation", "sr-only"])
+        assert (sr.proj_head, sr.augment) == ("none", "all")
+        assert sr.alpha == sr.beta1 == sr.beta2 == sr.lam == 0
+    assert train.resolve(["--preset", "beauty", "--ablation", "sr-only", "--proj-head", "linear"]
+                         ).proj_head == "linear"
+
+
 def test_bad_preset_is_one_line(tmp_path):
     out = _cli(["--preset", "nope"], tmp_path)
     assert out.returncode == 2

@@ -167,7 +167,8 @@ def bar(dataset: str, model: str, base: str = "SR-only") -> Tuple[str, bool]:
             if gain < BAR_GAIN:
                 failures.append(f"{metric} gain {gain:+.1%} < +{BAR_GAIN:.0%}")
             if spread is None:
-                failures.append(f"{metric}: {len(paired)} paired seeds")
+                failures.append(f"{metric}: {len(paired)} paired seed{'' if len(paired) == 1 else 's'}"
+                                f", needs 2")
             elif statistics.mean(gaps) <= spread:
                 failures.append(f"{metric} gap {statistics.mean(gaps):+.4f} <= 2 std {spread:.4f}")
     if gains[("test_tail", "ndcg@20")] < gains[("test_head", "ndcg@20")]:

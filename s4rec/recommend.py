@@ -2,6 +2,7 @@
 
     python -m s4rec.recommend --run RUN_DIR [--data PATH] (--users 1,2,3 | --all) [--k 10]
                               [--out recs.csv] [--batch-size 1024] [--device auto]
+                              [--precision auto|bf16|tf32|fp32]
 
 The model is the run's best.pt, built with the run's config.json. Each requested user's whole
 sequence (every item, cut to the last max_len: the next item after everything seen) is encoded,
@@ -9,8 +10,9 @@ every item of the user's history is excluded, and `item_topk` returns the k best
 Users are given and printed by their original ids or tokens, and so are items: the run's
 mapping.json when it has one, else the data file's own (a .inter file's tokens, the line
 format's ids). Output is a table (user, rank, item, score) on stdout, or CSV with --out.
-Problems (unknown user, missing run files, data that does not fit the checkpoint) end with one
-line `error: ...` on stderr and exit status 2.
+`--precision` (default: the run's own) encodes and scores as the trainer does: bf16 autocast, tf32
+or fp32. Problems (unknown user, missing run files, data that does not fit the checkpoint) end with
+one line `error: ...` on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .checkpoint import first_line
 from .config import Config
 from .data import MAPPING_FILE, DataError, SequenceData, load_dataset, load_mapping
 from .model import S4Rec, pack
+from .precision import PRECISIONS, autocast, op_inputs, resolve, settings
 from .runtime import synthetic_data
 
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -173,9 +176,11 @@ def sequence_csr(data: SequenceData, users: np.ndarray) -> Tuple[np.ndarray, np.
 
 @torch.no_grad()
 def recommend(model: S4Rec, data: SequenceData, users: np.ndarray, k: int,
-              batch_size: int = 1024, max_pad: float = 1 / 3) -> Tuple[np.ndarray, np.ndarray]:
+              batch_size: int = 1024, max_pad: float = 1 / 3,
+              precision: str = "fp32") -> Tuple[np.ndarray, np.ndarray]:
     """The k best items each user has not seen: (item ids (U, k) int64, scores (U, k) float32),
-    best first; a user with fewer than k unseen items gets id 0 and score -inf in the last slots."""
+    best first; a user with fewer than k unseen items gets id 0 and score -inf in the last slots.
+    Encoded and scored at `precision` (a resolved one, as in metrics.compute_ranks)."""
     encoder = model.encoder
     if data.n_items != encoder.n_items:
         raise RecommendError(f"the data has {data.n_items} items, the model {encoder.n_items}")
@@ -188,15 +193,16 @@ def recommend(model: S4Rec, data: SequenceData, users: np.ndarray, k: int,
     table = encoder.item_table()  # (V, d)
     ids = np.zeros((len(users), k), dtype=np.int64)
     scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-    for start in range(0, len(users), batch_size):
-        batch = users[start:start + batch_size]
-        packed = pack([data.sequence(u) for u in batch], encoder.max_len, max_pad, device)
-        z, _ = encoder.encode(packed)  # (b, d)
-        indptr, indices = sequence_csr(data, batch)
-        top, rows = item_topk(z, table, k, torch.as_tensor(indptr, device=device),
-                              torch.as_tensor(indices, device=device))  # (b, k) each
-        ids[start:start + len(batch)] = rows.cpu().numpy() + 1  # -1 (no item) becomes 0
-        scores[start:start + len(batch)] = top.float().cpu().numpy()
+    with autocast(precision, device):
+        for start in range(0, len(users), batch_size):
+            batch = users[start:start + batch_size]
+            packed = pack([data.sequence(u) for u in batch], encoder.max_len, max_pad, device)
+            z, _ = encoder.encode(packed)  # (b, d)
+            indptr, indices = sequence_csr(data, batch)
+            top, rows = item_topk(*op_inputs(z, table), k, torch.as_tensor(indptr, device=device),
+                                  torch.as_tensor(indices, device=device))  # (b, k) each
+            ids[start:start + len(batch)] = rows.cpu().numpy() + 1  # -1 (no item) becomes 0
+            scores[start:start + len(batch)] = top.float().cpu().numpy()
     return ids, scores
 
 
@@ -251,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="users encoded at once (default: 1024)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run the model (default: auto, cuda when present)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="auto (bf16 on CUDA, fp32 on a CPU), bf16, tf32 or fp32; default: "
+                        "the run's own setting")
     return parser
 
 
@@ -271,8 +280,15 @@ def run(args: argparse.Namespace) -> Tuple[List[Tuple[str, int, str, float]], in
         if not wanted:
             raise RecommendError("--users names no user")
         users = find_users(wanted, user_labels, numeric, data_name, data.n_skipped)
-    with logits_budget(cfg.logits_budget_mb):  # the run's own: above it, items are streamed
-        ids, scores = recommend(model, data, users, args.k, args.batch_size, cfg.max_pad)
+    try:
+        prec, note = resolve(args.precision or cfg.precision, torch.device(device))
+    except ValueError as err:  # a bad value in the run's config.json
+        raise RecommendError(f"{args.run}: {err}") from None
+    if note:
+        print(note, file=sys.stderr)
+    # the run's own logits budget: above it, items are streamed
+    with logits_budget(cfg.logits_budget_mb), settings(prec, torch.device(device)):
+        ids, scores = recommend(model, data, users, args.k, args.batch_size, cfg.max_pad, prec)
     return rows_of(users, ids, scores, user_labels, item_labels), len(users)
 
 

@@ -210,6 +210,27 @@ def test_recommend_function(tmp_path):
         assert not set(row.tolist()) & set(d.sequence(u).tolist()) and row.min() >= 1
 
 
+def test_recommend_at_bf16_scores_bf16_operands(tmp_path):
+    """--precision bf16 encodes under autocast and scores bf16 z against the bf16 table (fp32
+    products): the top-k scores equal those of the rounded operands, and differ from fp32's."""
+    from s4rec.model import pack
+    from s4rec.precision import autocast
+
+    d = synthetic(n_users=60, n_items=40, n_intents=3)
+    model, _ = load_run(make_run(tmp_path / "run", d.n_items))
+    users = np.arange(12)
+    ids, scores = recommend(model, d, users, k=5, batch_size=5, precision="bf16")
+    fp_ids, fp_scores = recommend(model, d, users, k=5, batch_size=5)
+    with torch.no_grad(), autocast("bf16", torch.device("cpu")):
+        packed = pack([d.sequence(u) for u in users], model.encoder.max_len, 1 / 3, "cpu")
+        z, _ = model.encoder.encode(packed)
+    table = model.encoder.item_table().detach()
+    want = z.to(torch.bfloat16).float() @ table.to(torch.bfloat16).float().T  # (U, V)
+    got = np.take_along_axis(want.numpy(), ids - 1, axis=1)
+    np.testing.assert_allclose(scores, got, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(scores, fp_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_config_inside_the_checkpoint_is_enough(tmp_path, capsys):
     small = write_lines(synthetic(n_users=20, n_items=16, n_intents=2), tmp_path / "d.txt")
     run_dir = make_run(tmp_path / "run", 16, max_len=8)

@@ -104,7 +104,7 @@ def test_ce_all_rows_ignored_and_no_rows():
     assert torch.equal(rows.detach(), torch.zeros(4))
     empty = torch.zeros(0, 3)
     none = torch.zeros(0, dtype=torch.long)
-    assert math.isnan(float(chunked.item_softmax_ce(empty, items, none, chunk_size=2)))
+    assert math.isnan(float(chunked.item_softmax_ce(empty, items, none, chunk_size=2).detach()))
     assert chunked.item_softmax_ce(empty, items, none, reduction="none").shape == (0,)
 
 

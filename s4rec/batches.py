@@ -1,6 +1,9 @@
 """Training batches: next-item pairs, the two augmented views, and the SR loss's negatives."""
 from __future__ import annotations
 
+import weakref
+from typing import Dict, Optional
+
 import numpy as np
 import torch
 
@@ -46,6 +49,21 @@ def window(seq: np.ndarray, size: int, how: str, rng: np.random.Generator) -> np
     return seq[end - size:end]
 
 
+_LOG_Q: Dict[tuple, torch.Tensor] = {}
+
+
+def shared_log_q(n_items: int, sampler: str, pool: Optional[np.ndarray], device) -> torch.Tensor:
+    """sampler_log_q as a float32 tensor on ``device``, computed once per training pool: a run's
+    pool lives as long as its augmenter, and the entry is dropped when the pool is freed."""
+    key = (id(pool), n_items, sampler, str(torch.device(device)))
+    if key not in _LOG_Q:
+        _LOG_Q[key] = torch.as_tensor(sampler_log_q(n_items, sampler, pool), dtype=torch.float32,
+                                      device=device)
+        if pool is not None:
+            weakref.finalize(pool, _LOG_Q.pop, key, None)
+    return _LOG_Q[key]
+
+
 def make_batch(data: SequenceData, users: np.ndarray, head: np.ndarray, cfg: Config,
                augmenter: Augmenter, rng: np.random.Generator, device) -> Batch:
     """Next-item pairs S[:-3] -> S[1:-2] for each user, two augmented views of the inputs, and
@@ -61,9 +79,8 @@ def make_batch(data: SequenceData, users: np.ndarray, head: np.ndarray, cfg: Con
     if cfg.sr_loss == "sampled":
         ids = shared_negatives(cfg.n_negatives, data.n_items, rng, cfg.negative_sampler,
                                augmenter.pool)
-        log_q = sampler_log_q(data.n_items, cfg.negative_sampler, augmenter.pool)
         shared = (torch.as_tensor(ids, device=device),
-                  torch.as_tensor(log_q, dtype=torch.float32, device=device))
+                  shared_log_q(data.n_items, cfg.negative_sampler, augmenter.pool, device))
     view1 = view2 = None
     if needs_views(cfg):
         view1 = pack(augmenter.views(inputs, rng), cfg.max_len, cfg.max_pad, device)

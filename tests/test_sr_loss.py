@@ -105,3 +105,22 @@ def test_shared_negatives_follow_the_sampler():
     assert np.allclose(sampler_log_q(6, "popularity", pool)[[2, 5]], np.log([0.1, 0.9]))
     with pytest.raises(ValueError, match="sampler"):
         sampler_log_q(6, "zipf")
+
+
+def test_log_q_is_computed_once_per_pool_and_dropped_with_it():
+    import gc
+
+    from s4rec import batches
+
+    pool = np.array([1, 2, 2, 5, 5, 5], dtype=np.int64)
+    first = batches.shared_log_q(6, "popularity", pool, "cpu")
+    assert batches.shared_log_q(6, "popularity", pool, "cpu") is first
+    assert first.dtype == torch.float32
+    assert torch.equal(first, torch.as_tensor(sampler_log_q(6, "popularity", pool),
+                                              dtype=torch.float32))
+    other = pool.copy()  # another run's pool: its own entry
+    assert batches.shared_log_q(6, "popularity", other, "cpu") is not first
+    before = len(batches._LOG_Q)
+    del pool, other, first
+    gc.collect()
+    assert len(batches._LOG_Q) == before - 2

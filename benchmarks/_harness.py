@@ -132,6 +132,15 @@ def parse_shapes(text: str) -> List[Tuple[int, ...]]:
         raise SystemExit(f"error: --shapes expects shapes like 4096x1024, got {text!r}") from None
 
 
+def parse_choices(name: str, text: str, known: Sequence[str]) -> List[str]:
+    """"a,b" -> ["a", "b"], each one of ``known``; a ValueError names the first that is not."""
+    given = [x for x in text.split(",") if x]
+    unknown = [g for g in given if g not in known]
+    if unknown:
+        raise ValueError(f"unknown {name} {unknown[0]!r}; expected some of {', '.join(known)}")
+    return given
+
+
 def is_oom(err: BaseException) -> bool:
     """True for a device out-of-memory error (a provider too big for the device is a result)."""
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()

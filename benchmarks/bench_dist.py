@@ -33,7 +33,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ._harness import SCRATCH, add_out_flags, device_label, run_in_process, write_table
+from ._harness import (SCRATCH, add_out_flags, device_label, parse_choices, run_in_process,
+                       write_table)
 
 SIZES = {"cpu": (10_000, 100_000, 1_000_000), "cuda": (1_000_000, 10_000_000)}
 MODES = ("dp", "shard")
@@ -237,11 +238,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
              else [2000] if args.quick else list(SIZES[device.type]))
     worlds = [int(w) for w in args.worlds.split(",") if w]
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        print(f"error: unknown mode {unknown[0]!r}; expected some of {', '.join(MODES)}",
-              file=sys.stderr)
+    try:
+        modes = parse_choices("mode", args.modes, MODES)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if device.type == "cuda" and max(worlds) > torch.cuda.device_count():
         print(f"error: W={max(worlds)} needs as many GPUs, {torch.cuda.device_count()} here",

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ._harness import (SCRATCH, add_out_flags, device_label, device_slug, is_oom,
+from ._harness import (SCRATCH, add_out_flags, device_label, device_slug, is_oom, parse_choices,
                        run_in_process, write_table)
 
 SIZES = {"cpu": (10_000, 100_000, 1_000_000), "cuda": (10_000, 100_000, 1_000_000, 10_000_000)}
@@ -249,15 +249,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
              else [2000, 20000] if args.quick else list(SIZES[device.type]))
-    workloads = [w for w in args.workloads.split(",") if w]
-    providers = [p for p in args.providers.split(",") if p]
-    for name, given, known in (("workload", workloads, WORKLOADS),
-                               ("provider", providers, PROVIDERS)):
-        unknown = [g for g in given if g not in known]
-        if unknown:
-            print(f"error: unknown {name} {unknown[0]!r}; expected some of {', '.join(known)}",
-                  file=sys.stderr)
-            return 2
+    try:
+        workloads = parse_choices("workload", args.workloads, WORKLOADS)
+        providers = parse_choices("provider", args.providers, PROVIDERS)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     rows = []
     for workload in workloads:
         for provider in providers:

@@ -26,17 +26,10 @@ import numpy as np
 import torch
 
 from s4rec.data import head_users, split_input
-from s4rec.metrics import compute_ranks
+from s4rec.metrics import compute_ranks, user_gains
 from s4rec.recommend import RecommendError, load_run, run_data
 
 K = 20
-
-
-def user_gains(ranks: np.ndarray) -> Dict[str, np.ndarray]:
-    """Per user: ndcg@K and hit@K of a rank (0 = best), as the trainer's metrics define them."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    hit = ranks < K
-    return {"ndcg": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0), "hit": hit.astype(np.float64)}
 
 
 def group_gains(runs: Sequence[str], split: str, data_path: Optional[str], batch_size: int):
@@ -53,7 +46,7 @@ def group_gains(runs: Sequence[str], split: str, data_path: Optional[str], batch
         if head is None:
             head = head_users(data, cfg.head_frac)
         ranks = compute_ranks(model, data, split, batch_size, cfg.exclude_history, cfg.max_pad)
-        gains = user_gains(ranks)
+        gains = user_gains(ranks, K)
         sums = gains if sums is None else {k: sums[k] + v for k, v in gains.items()}
     return {k: v / len(runs) for k, v in sums.items()}, data, head
 

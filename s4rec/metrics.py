@@ -48,16 +48,20 @@ def sr_loss_name(cfg) -> str:
     return "full softmax over all items"
 
 
-def rank_metrics(ranks: np.ndarray, ks=KS) -> Dict[str, float]:
-    """hit@k = [rank < k], ndcg@k = 1 / log2(rank + 2) if rank < k, averaged over users."""
+def user_gains(ranks: np.ndarray, k: int) -> Dict[str, np.ndarray]:
+    """Per user: hit@k = [rank < k] and ndcg@k = 1 / log2(rank + 2) if rank < k, else 0."""
     ranks = np.asarray(ranks, dtype=np.float64)
+    hit = ranks < k
+    return {"hit": hit.astype(np.float64), "ndcg": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
+
+
+def rank_metrics(ranks: np.ndarray, ks=KS) -> Dict[str, float]:
+    """user_gains averaged over users, for each k: {"hit@5": ..., "ndcg@5": ...}."""
     out = {}
-    for k in ks:
-        hit = ranks < k
-        out[f"hit@{k}"] = float(hit.mean()) if len(ranks) else float("nan")
-    for k in ks:
-        gain = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
-        out[f"ndcg@{k}"] = float(gain.mean()) if len(ranks) else float("nan")
+    gains = {k: user_gains(ranks, k) for k in ks}
+    for metric in ("hit", "ndcg"):
+        for k in ks:
+            out[f"{metric}@{k}"] = float(gains[k][metric].mean()) if len(ranks) else float("nan")
     return out
 
 

@@ -36,7 +36,7 @@ def two_runs(tmp_path_factory):
 
 def test_user_gains_average_to_the_trainers_metrics():
     ranks = np.array([0, 3, 19, 20, 250, 7, 0])
-    gains = cr.user_gains(ranks)
+    gains = cr.user_gains(ranks, cr.K)
     want = rank_metrics(ranks)
     assert gains["ndcg"].mean() == pytest.approx(want["ndcg@20"], abs=1e-15)
     assert gains["hit"].mean() == pytest.approx(want["hit@20"], abs=1e-15)

@@ -25,8 +25,8 @@ from s4rec_kernels._dispatch import logits_budget
 from .checkpoint import save_json
 from .data import head_users
 from .metrics import evaluate, format_table, protocol, sr_loss_name
-from .precision import PRECISIONS, describe, resolve, settings
-from .recommend import RecommendError, load_run, one_line_errors, run_data
+from .precision import PRECISIONS, describe, settings
+from .recommend import RecommendError, load_run, one_line_errors, run_data, run_precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     exclude = args.exclude_history or cfg.exclude_history
     head = head_users(data, cfg.head_frac)
     asked = args.precision or cfg.precision
-    try:
-        prec, note = resolve(asked, torch.device(device))
-    except ValueError as err:  # a bad value in the run's config.json
-        raise RecommendError(f"{args.run}: {err}") from None
-    if note:
-        print(note)
+    prec = run_precision(asked, device, args.run)
     with logits_budget(cfg.logits_budget_mb), settings(prec, torch.device(device)):
         results = evaluate(model, data, args.split, head, args.batch_size, exclude, cfg.max_pad,
                            prec)

@@ -96,6 +96,19 @@ def _read_config(run: Path, ckpt: dict) -> Config:
     return Config(**{k: v for k, v in saved.items() if k in known})
 
 
+def run_precision(asked: str, device, run_dir, note_to=None) -> str:
+    """The precision a command runs a saved run at (--precision, else the run's own), resolved for
+    ``device``; its note, if any, goes to ``note_to`` (stdout by default). A bad value in the run's
+    config.json is a RecommendError."""
+    try:
+        prec, note = resolve(asked, torch.device(device))
+    except ValueError as err:
+        raise RecommendError(f"{run_dir}: {err}") from None
+    if note:
+        print(note, file=note_to)
+    return prec
+
+
 def run_data(model: S4Rec, cfg: Config, run_dir, path: Optional[str] = None) -> Tuple[SequenceData, str]:
     """(data, its name): the file at `path`, else the run's own data (config.json's --data, or the
     embedded synthetic set, which is generated the same way every time). It must have the
@@ -280,12 +293,7 @@ def run(args: argparse.Namespace) -> Tuple[List[Tuple[str, int, str, float]], in
         if not wanted:
             raise RecommendError("--users names no user")
         users = find_users(wanted, user_labels, numeric, data_name, data.n_skipped)
-    try:
-        prec, note = resolve(args.precision or cfg.precision, torch.device(device))
-    except ValueError as err:  # a bad value in the run's config.json
-        raise RecommendError(f"{args.run}: {err}") from None
-    if note:
-        print(note, file=sys.stderr)
+    prec = run_precision(args.precision or cfg.precision, device, args.run, sys.stderr)
     # the run's own logits budget: above it, items are streamed
     with logits_budget(cfg.logits_budget_mb), settings(prec, torch.device(device)):
         ids, scores = recommend(model, data, users, args.k, args.batch_size, cfg.max_pad, prec)

@@ -75,7 +75,6 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
     n_batches = max(1, math.ceil(len(trainable) / cfg.batch_size))
     batches = np.array_split(rng.permutation(trainable), n_batches)
     sums = counts = None
-    names: List[str] = []
     real = encoded = 0
     bar = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False, file=sys.stdout)
     next_postfix = time.monotonic()
@@ -90,7 +89,6 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
         loss, terms, assign = train_step(model, optimizer, batch, cfg, step, f"epoch {epoch}, ",
                                          shares if i == 0 else None)
         step += 1
-        names = [*terms, "total"]
         values = torch.stack([v.detach().to(torch.float64) for v in (*terms.values(), loss)])
         sums = values if sums is None else sums + values
         if assign is not None:
@@ -101,6 +99,7 @@ def train_epoch(model: S4Rec, optimizer, data, trainable, head, cfg, augmenter, 
         if cfg.progress and time.monotonic() >= next_postfix:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             next_postfix = time.monotonic() + 1.0
+    names = [*terms, "total"]  # the same terms every step
     stats = {f"loss_{k}": v / len(batches) for k, v in zip(names, sums.tolist())}
     stats.update({f"grad_share_{k}": v for k, v in (shares or {}).items()}, **extra)
     if counts is not None and counts.sum():

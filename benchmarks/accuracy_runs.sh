@@ -3,11 +3,12 @@
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
 #   bash benchmarks/accuracy_runs.sh [GROUP ...]
-#   groups: beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-ckd
+#   groups: beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
-# is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1").
+# is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1");
+# SEEDS narrows the seed groups (bce-*, ml-1m-*seeds) to the seeds given, e.g. SEEDS=3.
 # On a 2-core CPU a Beauty run takes 20-40 minutes, an ML-1M run one to two hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,12 +69,14 @@ for group in $GROUPS_WANTED; do
             run ml1m-search-nogr-s1 "S4Rec" $M --preset ml-1m $BEST --seed 1
             run ml1m-sr-s1 "SR-only" $M --preset ml-1m --ablation sr-only --seed 1
             run ml1m-s4rec-s1 "S4Rec, all five terms" $M $OLD_M --seed 1 ;;
-        ml-1m-seeds | ml-1m-sr-seeds)  # seeds 2 and 3 on ML-1M (ml-1m-sr-seeds: SR-only alone)
-            for seed in 2 3; do
-                run ml1m-sr-s$seed "SR-only" $M --preset ml-1m --ablation sr-only --seed $seed
-            done
-            if [[ $group == ml-1m-seeds ]]; then
-                for seed in 2 3; do
+        ml-1m-seeds | ml-1m-sr-seeds | ml-1m-s4rec-seeds)  # seeds 2 and 3 on ML-1M (or SR-only / S4Rec alone)
+            if [[ $group != ml-1m-s4rec-seeds ]]; then
+                for seed in ${SEEDS:-2 3}; do
+                    run ml1m-sr-s$seed "SR-only" $M --preset ml-1m --ablation sr-only --seed $seed
+                done
+            fi
+            if [[ $group != ml-1m-sr-seeds ]]; then
+                for seed in ${SEEDS:-2 3}; do
                     run ml1m-search-nogr-s$seed "S4Rec" $M --preset ml-1m $BEST --seed $seed
                 done
             fi ;;
@@ -100,7 +103,7 @@ for group in $GROUPS_WANTED; do
         search-ckd)  # the search setting with the distillation switched on (tau3 at the paper's 0.1)
             P="--preset beauty --proj-head mlp --augment length"
             run beauty-search-nogr-ckd-s1 "search: mlp head, length views, no adversary, tau3 0.1" $B $P --lam 0 --tau3 0.1 --seed 1 ;;
-        *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds bce-sr bce-s4rec bce-why search search-ckd)" >&2; exit 2 ;;
+        *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

@@ -42,7 +42,6 @@ if str(ROOT) not in sys.path:  # run as a script or imported by the tests
     sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 import importlib  # noqa: E402
 

@@ -10,8 +10,7 @@ two); every case runs inside it on each backend, and each case is reported as it
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ import s4rec_kernels
 from s4rec_kernels import reference
 from s4rec_kernels.distributed import VocabShard
 from _spawn import run_group
-from _tolerances import ROUNDING_MARGIN, TOL, assert_close, backends
+from _tolerances import ROUNDING_MARGIN, assert_close, backends
 
 D = 5
 

@@ -81,7 +81,7 @@ def one_and_two(tmp_path_factory, data_file):
 
 
 def test_two_ranks_match_one_rank(one_and_two):
-    (dir1, proc1), (dir2, proc2) = one_and_two[1], one_and_two[2]
+    (dir1, _), (dir2, proc2) = one_and_two[1], one_and_two[2]
     _same_losses(_log(dir1), _log(dir2))
     m1, m2 = _metrics(dir1), _metrics(dir2)
     for split in ("valid", "test"):

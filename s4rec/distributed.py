@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from s4rec_kernels._dispatch import deferred_errors
+
 from . import checkpoint, precision, sharded_items
 from .batches import make_augmenter, window
 from .config import Config, ConfigError, to_dict
@@ -97,14 +99,15 @@ def make_user_batch(data, users: np.ndarray, head: np.ndarray, cfg: Config, augm
     return Batch(original, view1, view2, labels)
 
 
-def positions(batch: Batch) -> int:
-    return int(sum(int((t > 0).sum()) for t in batch.original.targets))
-
-
-def sum_over_ranks(values: List[float], device) -> List[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def summed_over_ranks(values, device) -> torch.Tensor:
+    """``values`` (numbers, or a tensor on ``device``) summed over the ranks, as a float64 tensor
+    on ``device``; no wait for the device (on NCCL the all-reduce is queued on its stream)."""
+    if torch.is_tensor(values):
+        t = values.to(torch.float64)
+    else:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.tolist()
+    return t
 
 
 def all_reduce_grads(params: List[torch.Tensor]) -> None:
@@ -117,24 +120,34 @@ def all_reduce_grads(params: List[torch.Tensor]) -> None:
         p.grad = g
 
 
-def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int, users: int,
-               n_positions: int, global_users: int, global_positions: int, device):
-    """One step on this rank's part of the batch: (the global terms, assigned clusters)."""
+def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int,
+               rank_users: List[int], global_positions: torch.Tensor, device):
+    """One step on this rank's part of the batch: (the global terms and their weighted total, a
+    float64 vector on the device in the order of ``terms``'s keys, then the total; the assigned
+    clusters). ``rank_users``: every rank's user count, in rank order. It waits for the device
+    once, to check that every global term is finite (all ranks see the same values, so they raise
+    together)."""
     table = sharded_items.sharded(model)
     shard = table.shard if table is not None else None
     with precision.autocast(precision.resolve(cfg.precision, device)[0], device):
-        terms, assign = compute_losses(model, batch, cfg, group=dist.group.WORLD, shard=shard)
-    # the terms computed across the group are this rank's share of the global value already
-    scale = {"sr": 1.0 if shard else n_positions / global_positions, "scl": 1.0}
+        terms, assign = compute_losses(model, batch, cfg, group=dist.group.WORLD, shard=shard,
+                                       group_rows=rank_users)
+    # the terms computed across the group are this rank's share of the global value already;
+    # the SR loss is a mean over this rank's positions (every input position has a target)
+    scale = {"sr": 1.0 if shard else batch.original.n_real / global_positions, "scl": 1.0}
+    users, global_users = rank_users[dist.get_rank()], sum(rank_users)
     terms = {k: v * scale.get(k, users / global_users) for k, v in terms.items()}
     loss = total_loss(terms, cfg)
     names = list(terms)
-    sums = sum_over_ranks([float(terms[k].detach()) for k in names], device)
-    global_terms = dict(zip(names, sums))
-    total = sum(weights(cfg)[k] * v for k, v in global_terms.items())
-    if not all(map(math.isfinite, sums)):
-        bad = [k for k, v in global_terms.items() if not math.isfinite(v)]
-        raise FloatingPointError(f"loss term {', '.join(bad)} became non-finite at step {step}")
+    summed = summed_over_ranks(torch.stack([terms[k].detach().to(torch.float64) for k in names]),
+                               device)
+    w = weights(cfg)
+    total = sum(w[k] * summed[i] for i, k in enumerate(names))
+    if not bool(torch.isfinite(summed).all()):  # the step's one wait for the device
+        bad = [k for k, v in zip(names, summed.tolist()) if not math.isfinite(v)]
+        causes = "".join(f"; {e}" for e in deferred_errors())  # inputs the kernels got wrong
+        raise FloatingPointError(f"loss term {', '.join(bad)} became non-finite at step "
+                                 f"{step}{causes}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if table is not None:
@@ -145,32 +158,37 @@ def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int, us
     optimizer.step()
     if cfg.proto_renorm:
         model.renormalize_prototypes()
-    return total, global_terms, assign
+    return torch.cat([summed, total.reshape(1)]), names, assign
 
 
 def train_epoch(model, optimizer, data, trainable, head, cfg, augmenter, device, step, epoch):
+    """One pass over the epoch's global batches, this rank's part of each; returns (epoch stats,
+    step). As in the single-process trainer, the terms and cluster sizes are summed on the device
+    and read once, at the end: a step waits for the device only in its non-finite check."""
     model.train()
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = epoch_batches(trainable, cfg.batch_size, cfg.seed, epoch)
-    sums: Dict[str, float] = {}
-    counts = np.zeros(cfg.n_clusters, dtype=np.float64)
+    sums = counts = None
     real = encoded = 0
     for users in batches:
-        mine = np.array_split(users, world)[rank]
-        batch = make_user_batch(data, mine, head, cfg, augmenter, epoch, device)
-        n_pos = positions(batch)
-        global_pos = int(sum_over_ranks([n_pos], device)[0])
-        total, terms, assign = train_step(model, optimizer, batch, cfg, step, len(mine), n_pos,
-                                     len(users), global_pos, device)
+        parts = np.array_split(users, world)
+        batch = make_user_batch(data, parts[rank], head, cfg, augmenter, epoch, device)
+        global_pos = summed_over_ranks([batch.original.n_real], device)[0]
+        values, names, assign = train_step(model, optimizer, batch, cfg, step,
+                                           [len(p) for p in parts], global_pos, device)
         step += 1
-        for name, value in [*terms.items(), ("total", total)]:
-            sums[name] = sums.get(name, 0.0) + value
+        sums = values if sums is None else sums + values
         if assign is not None:
-            counts += np.bincount(assign.cpu().numpy(), minlength=cfg.n_clusters)
+            sizes = torch.bincount(assign, minlength=cfg.n_clusters)
+            counts = sizes if counts is None else counts + sizes
         real += batch.original.n_real
         encoded += batch.original.n_encoded
-    stats = {f"loss_{k}": v / len(batches) for k, v in sums.items()}
-    totals = sum_over_ranks([*counts.tolist(), real, encoded], device)
+    stats = {f"loss_{k}": v / len(batches) for k, v in zip([*names, "total"], sums.tolist())}
+    if counts is None:
+        counts = torch.zeros(cfg.n_clusters, dtype=torch.int64, device=device)
+    totals = summed_over_ranks(torch.cat([counts.to(torch.float64),
+                                          torch.tensor([real, encoded], dtype=torch.float64,
+                                                       device=device)]), device).tolist()
     counts = np.asarray(totals[:-2]).round().astype(np.int64)
     if counts.sum():
         stats.update(cluster_health(counts))

@@ -86,11 +86,13 @@ def sr_loss(item_table: Tensor, hidden: List[Tensor], targets: List[Tensor], kin
 
 
 def cluster_scores(z: Tensor, prototypes: Tensor, eps: float, n_iters: int,
-                   group=None) -> Tuple[Tensor, Tensor]:
+                   group=None, group_rows=None) -> Tuple[Tensor, Tensor]:
     """Cosine scores (B, K) and the Sinkhorn equipartition target Q (B, K), no gradient (eqs. 3-6).
-    With a process group, Q is this rank's rows of the target over every rank's users."""
+    With a process group, Q is this rank's rows of the target over every rank's users
+    (``group_rows``: each rank's user count, if known)."""
     scores = F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).T  # (B, K)
-    return scores, sinkhorn(*op_inputs(scores.detach()), eps, n_iters, group=group)
+    return scores, sinkhorn(*op_inputs(scores.detach()), eps, n_iters, group=group,
+                            group_rows=group_rows)
 
 
 def cluster_loss(scores: Tensor, q: Tensor, tau: float) -> Tensor:
@@ -100,12 +102,13 @@ def cluster_loss(scores: Tensor, q: Tensor, tau: float) -> Tensor:
 
 
 def contrast_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau: float,
-                  normalize: bool, group=None) -> Tensor:
+                  normalize: bool, group=None, group_rows=None) -> Tensor:
     """InfoNCE with in-batch and prototype negatives, the own cluster left out (eqs. 8-10).
     With a process group: this rank's share, its anchors against every rank's views."""
     if normalize:
         z1, z2, prototypes = (F.normalize(t, dim=1) for t in (z1, z2, prototypes))
-    return info_nce_proto(*op_inputs(z1, z2, prototypes), assign, tau, group=group)
+    return info_nce_proto(*op_inputs(z1, z2, prototypes), assign, tau, group=group,
+                          group_rows=group_rows)
 
 
 def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau: float,
@@ -124,14 +127,15 @@ def distill_loss(z1: Tensor, z2: Tensor, prototypes: Tensor, assign: Tensor, tau
     return total
 
 
-def compute_losses(model: S4Rec, batch: Batch, cfg: Config, group=None,
-                   shard=None) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+def compute_losses(model: S4Rec, batch: Batch, cfg: Config, group=None, shard=None,
+                   group_rows=None) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
     """Every active term of the objective, unweighted, and the users' assigned clusters h(u).
 
     The clustering, contrast and distillation terms see z through the projection head (identity
     with --proj-head none); the adversary sees z itself. With --prototypes kmeans the prototypes
     are fixed K-means centroids and h(u) is the nearest one. `group` runs Sinkhorn and the
-    contrast across the ranks; `shard` is the VocabShard of a sharded item table (L_SR
+    contrast across the ranks (`group_rows`: each rank's user count, which saves the ops a gather
+    that waits for the device); `shard` is the VocabShard of a sharded item table (L_SR
     vocabulary parallel)."""
     w = weights(cfg)
     z, hidden = model.encoder.encode(batch.original)  # (B, d)
@@ -144,7 +148,8 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config, group=None,
             with torch.no_grad():
                 assign = (F.normalize(zp, dim=1) @ F.normalize(model.prototypes, dim=1).T).argmax(1)
         else:
-            scores, q = cluster_scores(zp, model.prototypes, cfg.eps, cfg.sinkhorn_iters, group)
+            scores, q = cluster_scores(zp, model.prototypes, cfg.eps, cfg.sinkhorn_iters, group,
+                                       group_rows)
             assign = q.argmax(1)  # (B,)
             if w["clust"] > 0:
                 # Q as Sinkhorn returns it (fp32, or fp64 for fp64 scores), not rounded to bf16
@@ -155,7 +160,7 @@ def compute_losses(model: S4Rec, batch: Batch, cfg: Config, group=None,
         z2 = model.project(model.encoder.encode(batch.view2)[0])
         if w["scl"] > 0:
             terms["scl"] = contrast_loss(z1, z2, model.prototypes, assign, cfg.tau2, cfg.normalize,
-                                         group)
+                                         group, group_rows)
         if w["ckd"] > 0:
             terms["ckd"] = distill_loss(z1, z2, model.prototypes, assign, cfg.tau3, cfg.normalize)
     if w["adv"] > 0:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -131,8 +131,18 @@ def gather_rows(t: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
     return _gather_rows_raw(t, sizes, group)
 
 
-def _row_sizes(n: int, group, device) -> List[int]:
-    return [int(x) for x in _all_gather_ints([n], group, device)[:, 0]]
+def _row_sizes(op: str, n: int, group, device, known: Optional[Sequence[int]] = None) -> List[int]:
+    """Every rank's row count, in rank order: ``known`` (checked against this rank's ``n``) when
+    the caller gives it, else gathered from the ranks (which waits for the device)."""
+    world, rank = _world(group)
+    if known is None:
+        return _all_gather_ints([n], group, device)[:, 0].tolist()
+    known = [int(x) for x in known]
+    if len(known) != world or known[rank] != n or min(known) < 1:
+        raise ValueError(f"{op}: group_rows={known} does not fit a group of {world} ranks where "
+                         f"rank {rank} holds {n} rows; expected {world} counts >= 1, entry {rank} "
+                         f"equal to {n}")
+    return known
 
 
 def _check_group(op: str, group) -> None:
@@ -161,12 +171,13 @@ def _logsumexp_all(x: torch.Tensor, dim: Optional[int], group) -> torch.Tensor:
     return torch.log(total) + shift
 
 
-def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, group) -> torch.Tensor:
+def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, group,
+             group_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
     """This rank's rows of the reference's Q over the rows of all ranks (checked arguments)."""
     _check_group("sinkhorn", group)
     with torch.no_grad(), _no_autocast(scores):
         n_cols = scores.shape[1]
-        sizes = _row_sizes(scores.shape[0], group, scores.device)
+        sizes = _row_sizes("sinkhorn", scores.shape[0], group, scores.device, group_rows)
         n_rows = sum(sizes)
         log_q = scores.to(compute_dtype(scores)) / eps
         log_q = log_q - _logsumexp_all(log_q, None, group)
@@ -182,14 +193,16 @@ def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, group) -> torch.Ten
 
 
 def info_nce_proto(z1: torch.Tensor, z2: torch.Tensor, protos: torch.Tensor,
-                   assign: torch.Tensor, tau: float, group) -> torch.Tensor:
+                   assign: torch.Tensor, tau: float, group,
+                   group_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
     """This rank's anchors' share of the reference's loss over all ranks' rows: the sum of its
-    2 b anchor losses divided by 2 B (checked arguments)."""
+    2 b anchor losses divided by 2 B (checked arguments; an ``assign`` out of [0, K) is not
+    read, and its anchors' losses are NaN)."""
     _check_group("info_nce_proto", group)
     _, rank = _world(group)
     with _no_autocast(z1):
         dtype = compute_dtype(z1)
-        sizes = _row_sizes(z1.shape[0], group, z1.device)
+        sizes = _row_sizes("info_nce_proto", z1.shape[0], group, z1.device, group_rows)
         n_all, offset, n = sum(sizes), sum(sizes[:rank]), z1.shape[0]
         both = gather_rows(torch.cat([z1, z2], dim=1).to(dtype), sizes, group)  # (B, 2d)
         keys = torch.cat(both.chunk(2, dim=1))  # (2B, d): the single process's cat(z1, z2)
@@ -201,11 +214,14 @@ def info_nce_proto(z1: torch.Tensor, z2: torch.Tensor, protos: torch.Tensor,
         positive = view_logits[rows, (anchors + n_all) % (2 * n_all)]  # (2b,)
         drop_self = torch.zeros_like(view_logits, dtype=torch.bool)
         drop_self[rows, anchors] = True
+        n_protos = protos.shape[0]
+        valid = ((assign >= 0) & (assign < n_protos)).repeat(2)  # (2b,)
         drop_own_proto = torch.zeros_like(proto_logits, dtype=torch.bool)
-        drop_own_proto[rows, assign.repeat(2)] = True
+        drop_own_proto[rows, assign.clamp(0, n_protos - 1).repeat(2)] = True
         logits = torch.cat([view_logits.masked_fill(drop_self, -math.inf),
                             proto_logits.masked_fill(drop_own_proto, -math.inf)], dim=1)
-        return (torch.logsumexp(logits, dim=1) - positive).sum() / (2 * n_all)
+        losses = torch.logsumexp(logits, dim=1) - positive  # (2b,)
+        return losses.masked_fill(~valid, math.nan).sum() / (2 * n_all)
 
 
 # ----------------------------------------------------------------------------------------------

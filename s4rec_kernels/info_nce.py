@@ -44,7 +44,7 @@ one graph that treats the kernels as opaque ops.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -396,6 +396,7 @@ if triton is not None:
 def info_nce_proto(
     z1: torch.Tensor, z2: torch.Tensor, protos: torch.Tensor, assign: torch.Tensor,
     tau: float, *, backend: str = "auto", group=None,
+    group_rows: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE loss of two views whose negatives include the other prototypes.
 
@@ -408,6 +409,8 @@ def info_nce_proto(
         group: a torch.distributed process group (see ``distributed``): z1, z2 and assign are
             this rank's rows; the result is this rank's anchors' share of the loss over every
             rank's rows (their sum over the ranks is that loss).
+        group_rows: with ``group``, every rank's row count in rank order, when the caller knows
+            it; without it the counts are gathered, which waits for the device.
         z1, z2 and protos share one float dtype (float16/bfloat16/float32/float64) and device.
 
     Returns:
@@ -420,7 +423,7 @@ def info_nce_proto(
         The Triton backend keeps memory O((B + K) d): it never forms the (2B, 2B + K) logits.
         It does not check assign's values on the host (that would wait for the device): an
         anchor whose assign is out of range gets a NaN loss, and ``_dispatch.deferred_errors()``
-        names it; the reference backend raises ValueError.
+        names it; so does the path with ``group``. The reference backend raises ValueError.
     """
     _dispatch.check_matrix(OP, "z1", z1, "(B, d)")
     _dispatch.check_matrix(OP, "z2", z2, "(B, d)")
@@ -441,9 +444,11 @@ def info_nce_proto(
     tau = _dispatch.check_positive(OP, "tau", tau)
     path = _dispatch.resolve_backend(OP, backend, z1, z2, protos, assign)
     if group is not None:
+        # as on the Triton path, no value check that would wait: an assign out of range gives
+        # its anchors a NaN loss, and the check is recorded for _dispatch.deferred_errors()
         if not torch.compiler.is_compiling():
-            _dispatch.check_index_range(OP, "assign", assign, protos.shape[0])
-        return distributed.info_nce_proto(z1, z2, protos, assign, tau, group)
+            _dispatch.defer_index_range(OP, "assign", assign, protos.shape[0])
+        return distributed.info_nce_proto(z1, z2, protos, assign, tau, group, group_rows)
     if path == "triton":
         # no value check here: it would wait for the device (and break a torch.compile graph).
         # The kernels never load through assign; an anchor whose assign is out of range gets a

@@ -57,7 +57,7 @@ every other dtype is loaded and computed in float32, whatever autocast says.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -471,7 +471,7 @@ if triton is not None:
 
 def sinkhorn(
     scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *, backend: str = "auto",
-    group=None,
+    group=None, group_rows: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """SwAV's Sinkhorn-Knopp soft assignment of B users to K prototypes.
 
@@ -482,6 +482,8 @@ def sinkhorn(
         backend: "auto", "reference" or "triton" (see ``_dispatch``).
         group: a torch.distributed process group (see ``distributed``): scores are this rank's
             rows and the result is this rank's rows of the Q over every rank's rows.
+        group_rows: with ``group``, every rank's row count in rank order, when the caller knows
+            it; without it the counts are gathered, which waits for the device.
 
     Returns:
         Q (B, K), not requiring grad: normalised to total 1, then ``n_iters`` times each column
@@ -500,7 +502,7 @@ def sinkhorn(
     n_iters = _dispatch.check_int(OP, "n_iters", n_iters, 0)
     use_triton = _dispatch.resolve_backend(OP, backend, scores) == "triton"
     if group is not None:
-        return distributed.sinkhorn(scores, eps, n_iters, group)
+        return distributed.sinkhorn(scores, eps, n_iters, group, group_rows)
     if use_triton:
         return _dispatch.triton_impl(OP)(scores, eps, n_iters)
     return reference.sinkhorn(scores, eps, n_iters)

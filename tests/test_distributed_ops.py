@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import s4rec_kernels
-from s4rec_kernels import reference
+from s4rec_kernels import _dispatch, reference
 from s4rec_kernels.distributed import VocabShard
 from _spawn import run_group
 from _tolerances import ROUNDING_MARGIN, assert_close, backends
@@ -70,19 +70,20 @@ def check_grad(ours, single, truth, dtype, what):
 ROWS = {2: [5, 3], 3: [4, 1, 3]}  # uneven rows per rank
 
 
-def sinkhorn_case(eps, n_iters, dtype=torch.float32):
+def sinkhorn_case(eps, n_iters, dtype=torch.float32, known_rows=False):
+    """known_rows: the caller gives every rank's row count (group_rows), so none is gathered."""
     def run(rank, world, group, backend):
         sizes = ROWS[world]
         scores = randn(sum(sizes), 7, seed=1, scale=1.0).to(dtype)
         q_single = s4rec_kernels.sinkhorn(scores, eps, n_iters, backend=backend)
         q = s4rec_kernels.sinkhorn(own(scores, sizes, rank), eps, n_iters, backend=backend,
-                                   group=group)
+                                   group=group, group_rows=sizes if known_rows else None)
         assert_close(q, own(q_single, sizes, rank), dtype)
         assert not q.requires_grad
     return run
 
 
-def info_nce_case(dtype=torch.float32, tau=0.5):
+def info_nce_case(dtype=torch.float32, tau=0.5, known_rows=False):
     def run(rank, world, group, backend):
         sizes = ROWS[world]
         n, k = sum(sizes), 4
@@ -97,7 +98,8 @@ def info_nce_case(dtype=torch.float32, tau=0.5):
         mine = [own(z1, sizes, rank).clone().requires_grad_(),
                 own(z2, sizes, rank).clone().requires_grad_(), protos.clone().requires_grad_()]
         part = s4rec_kernels.info_nce_proto(*mine, own(assign, sizes, rank), tau,
-                                            backend=backend, group=group)
+                                            backend=backend, group=group,
+                                            group_rows=sizes if known_rows else None)
         part.backward()
         assert_close(summed(part, group), loss.detach(), dtype)
         for name, m, s, t in zip(("z1", "z2"), mine, leaves, truth):
@@ -105,6 +107,46 @@ def info_nce_case(dtype=torch.float32, tau=0.5):
         # each rank's prototype gradient is its anchors' share: they sum to the single one
         check_grad(summed(mine[2].grad, group).to(dtype), leaves[2].grad, truth[2].grad, dtype,
                    "protos")
+    return run
+
+
+def group_rows_error_case():
+    """group_rows that do not fit the group or this rank's rows: a ValueError on every rank,
+    before any collective (so no rank waits for another)."""
+    def run(rank, world, group, backend):
+        sizes = ROWS[world]
+        scores = randn(sizes[rank], 7, seed=1)
+        z = randn(sizes[rank], D, seed=2)
+        wrong = [sizes[:-1], [s + 1 for s in sizes], [*sizes[:-1], 0]]
+        for rows in wrong:
+            with pytest.raises(ValueError, match=r"sinkhorn: group_rows="):
+                s4rec_kernels.sinkhorn(scores, backend=backend, group=group, group_rows=rows)
+            with pytest.raises(ValueError, match=r"info_nce_proto: group_rows="):
+                s4rec_kernels.info_nce_proto(z, z, randn(3, D, seed=4), torch.zeros(len(z)).long(),
+                                             0.5, backend=backend, group=group, group_rows=rows)
+    return run
+
+
+def info_nce_bad_assign_case():
+    """An assign out of [0, K) on one rank is not checked on the host (that would wait): that
+    rank's loss is NaN, so is the sum over the ranks, and _dispatch.deferred_errors() names it."""
+    def run(rank, world, group, backend):
+        sizes = ROWS[world]
+        n = sizes[rank]
+        assign = torch.zeros(n, dtype=torch.int64)
+        if rank == 0:
+            assign[1] = 4  # K = 4
+        _dispatch.deferred_errors()  # forget other cases' records
+        part = s4rec_kernels.info_nce_proto(randn(n, D, seed=2), randn(n, D, seed=3),
+                                            randn(4, D, seed=4), assign, 0.5, backend=backend,
+                                            group=group, group_rows=sizes)
+        assert torch.isnan(summed(part, group)), part
+        assert torch.isnan(part) == (rank == 0), part
+        errors = _dispatch.deferred_errors()
+        if rank == 0:
+            assert len(errors) == 1 and "info_nce_proto: assign[1] = 4 is out of range" in errors[0]
+        else:
+            assert errors == []
     return run
 
 
@@ -252,6 +294,10 @@ def case_table() -> Dict[str, Callable]:
         "sinkhorn-bf16": sinkhorn_case(0.05, 3, torch.bfloat16),
         "info_nce": info_nce_case(),
         "info_nce-bf16": info_nce_case(torch.bfloat16),
+        "sinkhorn-group-rows": sinkhorn_case(0.05, 3, known_rows=True),
+        "info_nce-group-rows": info_nce_case(known_rows=True),
+        "group-rows-error": group_rows_error_case(),
+        "info_nce-assign-out-of-range": info_nce_bad_assign_case(),
         "ce-uneven-mean": ce_case("uneven", "mean"),
         "ce-uneven-sum": ce_case("uneven", "sum"),
         "ce-uneven-none": ce_case("uneven", "none"),

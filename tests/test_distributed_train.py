@@ -190,6 +190,51 @@ def test_sharded_lookup_matches_embedding():
         assert r["values"] and r["grad"] < 1e-6 and r["mask"] < 1e-6, r
 
 
+def _epoch_waits_worker(rank, world):
+    """The waits of one data-parallel epoch through the Triton kernels, after a warm-up epoch."""
+    import numpy as np
+    import torch
+
+    from s4rec import distributed
+    from s4rec.batches import make_augmenter
+    from s4rec.config import Config
+    from s4rec.data import head_users, synthetic
+    from s4rec.model import S4Rec
+    from s4rec_kernels import _dispatch
+    from _waits import count_waits
+
+    data = synthetic(n_users=120, n_items=90, n_intents=4)
+    cfg = Config(hidden=16, layers=1, dropout=0.0, n_clusters=8, batch_size=32, progress=False)
+    torch.manual_seed(0)
+    model = S4Rec.from_config(data.n_items, cfg)
+    # the fused Adam keeps its step counters with the parameters (see test_sync_free)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    augmenter = make_augmenter(cfg, data, model.encoder.mask_id)
+    trainable, head = np.flatnonzero(data.lengths >= 4)[:64], head_users(data)
+    device = torch.device("cpu")
+    with _dispatch.default_backend("triton"):
+        _, step = distributed.train_epoch(model, optimizer, data, trainable, head, cfg, augmenter,
+                                          device, 0, 0)
+        with count_waits() as seen:
+            stats, step = distributed.train_epoch(model, optimizer, data, trainable, head, cfg,
+                                                  augmenter, device, step, 1)
+    return {"seen": seen, "steps": step // 2, "stats": stats}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the kernels need CUDA or the Triton interpreter")
+def test_a_data_parallel_epoch_waits_once_a_step():
+    """Each step waits only in its non-finite check: the ranks' row counts come from the batch
+    split (not gathered), the terms and cluster sizes are summed on the device and read at the
+    end (two reads)."""
+    results = run_group(2, _epoch_waits_worker, timeout=240)
+    for r in results:
+        assert r["steps"] == 2, r
+        assert len(r["seen"]) <= r["steps"] + 2, r["seen"]
+        assert r["stats"] == results[0]["stats"]  # every rank logs the global values
+        assert r["stats"]["empty_clusters"] >= 0 and r["stats"]["loss_total"] > 0
+
+
 def _ranks_worker(rank, world):
     """Ranks of a random model over a 301-item table, sharded against one process, at fp32 and
     under bf16 autocast (which moves some users' ranks: the test checks that it does)."""

@@ -2,21 +2,16 @@
 non-finite check), and inputs out of range still give an error without a wait: the kernels make
 the loss NaN and the check names the op and the argument.
 
-Waits are counted two ways. A TorchDispatchMode sees the aten ops that copy a value to the host
-(_local_scalar_dense, item, is_nonzero, nonzero, and indexing by a boolean mask, which runs a
-nonzero inside); a dispatch mode is off while a torch.library custom op's own body runs, so the
-Python calls that wait (Tensor.item, .tolist, .nonzero, bool(), int(), float()) are counted as
-well, wherever they are made. Under the interpreter every tensor is on the CPU, where Adam's
+Waits are counted by tests/_waits.py (aten ops that copy a value to the host, and the Python calls
+that wait, inside custom ops too). Under the interpreter every tensor is on the CPU, where Adam's
 foreach step reads its CPU step counters (which stay on the CPU on a CUDA run too, so they are
 not waits there); the fused Adam keeps them with the parameters, so the test uses it.
 """
-import contextlib
 import os
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import s4rec_kernels
 from s4rec import train
@@ -25,58 +20,11 @@ from s4rec.config import Config
 from s4rec.data import head_users, synthetic
 from s4rec.model import S4Rec
 from s4rec_kernels import _dispatch
+from _waits import count_waits
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="the kernels need CUDA or the Triton interpreter")
-
-WAITING_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-               torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default,
-               torch.ops.aten.masked_select.default}
-WAITING_METHODS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__")
-
-
-class _Waits(TorchDispatchMode):
-    def __init__(self, seen):
-        super().__init__()
-        self.seen = seen
-        self.python_depth = [0]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.python_depth[0]:
-            masked = func is torch.ops.aten.index.Tensor and any(
-                i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
-            if func in WAITING_OPS or masked:
-                self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def count_waits():
-    """Yields the list of waits seen, one entry per wait."""
-    seen = []
-    mode = _Waits(seen)
-    originals = {name: getattr(torch.Tensor, name) for name in WAITING_METHODS}
-
-    def counting(name, method):
-        def wrapper(self, *args, **kwargs):
-            if not mode.python_depth[0]:
-                seen.append(f"Tensor.{name}")
-            mode.python_depth[0] += 1
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                mode.python_depth[0] -= 1
-        return wrapper
-
-    for name, method in originals.items():
-        setattr(torch.Tensor, name, counting(name, method))
-    try:
-        with mode:
-            yield seen
-    finally:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
 
 
 def _setup():

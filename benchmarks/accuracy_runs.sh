@@ -8,7 +8,7 @@
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
 # is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1");
-# SEEDS narrows the seed groups (bce-*, ml-1m-*seeds) to the seeds given, e.g. SEEDS=3.
+# SEEDS narrows the seed groups (bce-*, default, ml-1m-*seeds) to the seeds given, e.g. SEEDS=3.
 # On a 2-core CPU a Beauty run takes 20-40 minutes, an ML-1M run one to two hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +60,9 @@ for group in $GROUPS_WANTED; do
             run beauty-nocsd-clust-s1 "w/o CSD" $B $OLD_B --ablation no-csd --seed 1
             run beauty-nogr-s1 "S4Rec, all five terms, w/o GR" $B $OLD_B --ablation no-gr --seed 1 ;;
         default)  # --preset default (the terms at x0.05 the paper's weights) on Beauty; on ML-1M it is the S4Rec row's setting
-            run beauty-default-s1 "S4Rec, --preset default" $B --preset default --seed 1 ;;
+            for seed in ${SEEDS:-1 2 3}; do
+                run beauty-default-s$seed "S4Rec, --preset default" $B --preset default --seed $seed
+            done ;;
         ksweep)
             for k in 32 64 256 512; do
                 run beauty-k$k-s1 "K=$k" $B $OLD_B --n-clusters $k --seed 1

@@ -121,7 +121,7 @@ PRESETS: dict = {
               "tau2": 0.1, "tau3": 1.0, "alpha": 0.0005, "beta1": 0.005, "beta2": 0.005,
               "crop_ratio": 0.6, "mask_ratio": 0.3, **_BEST_SSL},
     # For a data set nobody tuned on: the self-supervised part of "ml-1m" (the paper's weights
-    # x0.05, which is level with SR-only on ML-1M, where larger weights cost accuracy) with the
+    # x0.05, within seed noise of SR-only on ML-1M, where larger weights cost accuracy) with the
     # default training settings; README, "Accuracy", says what it gave on each data set.
     "default": {"tau2": 0.1, "tau3": 1.0, "alpha": 0.0005, "beta1": 0.005, "beta2": 0.005,
                 **_BEST_SSL},

@@ -9,7 +9,7 @@ and vocabulary parallel ("shard": `--shard-items`, each rank holds V / W rows of
 
 Every point is its own `torchrun --standalone --nproc_per_node W` launch, so one point's memory
 does not count against the next, and each rank runs the trainer's own step
-(s4rec.distributed.train_step: batch assembly, forward, backward, the gradient all-reduce, Adam)
+(s4rec.distributed.global_step: batch assembly, forward, backward, the gradient all-reduce, Adam)
 on the synthetic data set with V items and the default model (d = 64, 2 layers, K = 128, all five
 loss terms) with a global batch of --batch-size users. One warm-up step (it allocates Adam's
 state), then --steps timed steps, each between two barriers. Peak memory per rank: the resident
@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -140,13 +141,8 @@ def run_point(v: int, mode: str, steps: int, batch_size: int, threads: int,
     rows = (table.stop - table.start) if table is not None else v
 
     def step(i: int) -> None:
-        users = batches[i % len(batches)]
-        mine = np.array_split(users, world)[rank]
-        batch = trainer.make_user_batch(data, mine, head, cfg, augmenter, 0, device)
-        n_pos = trainer.positions(batch)
-        total_pos = int(trainer.sum_over_ranks([n_pos], device)[0])
-        trainer.train_step(model, optimizer, batch, cfg, i, len(mine), n_pos, len(users),
-                           total_pos, device)
+        trainer.global_step(model, optimizer, data, batches[i % len(batches)], head, cfg,
+                            augmenter, 0, i, device)
 
     _sync(device)
     base = _memory_mb(device, peak=False)
@@ -198,8 +194,10 @@ def spawn_point(world: int, v: int, mode: str, steps: int, batch_size: int, thre
         return result
     text = proc.stderr + proc.stdout
     lines = [ln for ln in text.strip().splitlines() if ln.strip()] or ["no output"]
-    if "MemoryError" in text or "out of memory" in text.lower() or "allocate" in text or \
-            "SIGKILL" in text:
+    # what an allocation failure prints (torch's "Tried to allocate", the allocator's "failed to
+    # allocate"), not any traceback that quotes a line with the word in it
+    if "MemoryError" in text or "out of memory" in text.lower() or \
+            re.search(r"(?i)(tried|failed|unable) to allocate", text) or "SIGKILL" in text:
         return {"status": "OOM", "detail": lines[-1][:200]}
     raise RuntimeError(f"point W={world} V={v} {mode} failed: {lines[-1][:500]}")
 
@@ -263,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     memory = "resident set (ru_maxrss)" if device.type == "cpu" else "max_memory_allocated"
     note = (f"{device_label(device)}, torch {torch.__version__}, {args.threads} thread(s) per "
             f"rank; each point one `torchrun --standalone --nproc_per_node W` launch: one warm-up "
-            f"step, then {args.steps} timed steps of the trainer's own train_step (global batch "
+            f"step, then {args.steps} timed steps of the trainer's own global_step (global batch "
             f"B = {args.batch_size} users, d = 64, 2 layers, K = 128, all five loss terms, "
             f"synthetic data with V items), each between barriers. dp: every rank holds the whole "
             f"item table and all-reduces its gradient; shard: --shard-items, rank r holds "

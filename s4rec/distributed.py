@@ -161,21 +161,29 @@ def train_step(model: S4Rec, optimizer, batch: Batch, cfg: Config, step: int,
     return torch.cat([summed, total.reshape(1)]), names, assign
 
 
+def global_step(model, optimizer, data, users: np.ndarray, head, cfg: Config, augmenter, epoch: int,
+                step: int, device):
+    """One step on a global batch of ``users``, this rank's contiguous part of it: (the global terms
+    and total as in ``train_step``, their names, the assigned clusters, this rank's batch)."""
+    parts = np.array_split(users, dist.get_world_size())
+    batch = make_user_batch(data, parts[dist.get_rank()], head, cfg, augmenter, epoch, device)
+    global_pos = summed_over_ranks([batch.original.n_real], device)[0]
+    values, names, assign = train_step(model, optimizer, batch, cfg, step, [len(p) for p in parts],
+                                       global_pos, device)
+    return values, names, assign, batch
+
+
 def train_epoch(model, optimizer, data, trainable, head, cfg, augmenter, device, step, epoch):
     """One pass over the epoch's global batches, this rank's part of each; returns (epoch stats,
     step). As in the single-process trainer, the terms and cluster sizes are summed on the device
     and read once, at the end: a step waits for the device only in its non-finite check."""
     model.train()
-    rank, world = dist.get_rank(), dist.get_world_size()
     batches = epoch_batches(trainable, cfg.batch_size, cfg.seed, epoch)
     sums = counts = None
     real = encoded = 0
     for users in batches:
-        parts = np.array_split(users, world)
-        batch = make_user_batch(data, parts[rank], head, cfg, augmenter, epoch, device)
-        global_pos = summed_over_ranks([batch.original.n_real], device)[0]
-        values, names, assign = train_step(model, optimizer, batch, cfg, step,
-                                           [len(p) for p in parts], global_pos, device)
+        values, names, assign, batch = global_step(model, optimizer, data, users, head, cfg,
+                                                   augmenter, epoch, step, device)
         step += 1
         sums = values if sums is None else sums + values
         if assign is not None:

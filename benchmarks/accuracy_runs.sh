@@ -3,12 +3,14 @@
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
 #   bash benchmarks/accuracy_runs.sh [GROUP ...]
-#   groups: beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd
+#   groups: beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd table3
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
 # is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1");
 # SEEDS narrows the seed groups (bce-*, default, ml-1m-*seeds) to the seeds given, e.g. SEEDS=3.
+# Two copies may run the same groups at once (one per core): each run is locked by the copy
+# that starts it, and the other copy goes on to the next.
 # On a 2-core CPU a Beauty run takes 20-40 minutes, an ML-1M run one to two hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,15 @@ run() {  # run NAME MODEL-LABEL FLAGS...
     shift 2
     local dir=runs/acc/$name
     local cmd="python -m s4rec.train $* --progress false"
+    # A second copy of this script (the other core) skips the runs the first one holds.
+    mkdir -p runs/acc
+    local lock
+    exec {lock}>"runs/acc/$name.lock"
+    if ! flock -n "$lock"; then
+        echo "$name: another copy of this script is running it; skipped" >&2
+        exec {lock}>&-
+        return 0
+    fi
     if [[ ! -f $dir/metrics.json ]]; then
         if [[ -f $dir/last.pt ]]; then
             python -m s4rec.train --resume "$dir" --progress false
@@ -30,6 +41,7 @@ run() {  # run NAME MODEL-LABEL FLAGS...
         fi
     fi
     python -m benchmarks.accuracy add "$dir" --model "$label" --command "$cmd"
+    exec {lock}>&-
 }
 
 B="--data $DATA/Beauty.txt --epochs 100"
@@ -105,7 +117,12 @@ for group in $GROUPS_WANTED; do
         search-ckd)  # the search setting with the distillation switched on (tau3 at the paper's 0.1)
             P="--preset beauty --proj-head mlp --augment length"
             run beauty-search-nogr-ckd-s1 "search: mlp head, length views, no adversary, tau3 0.1" $B $P --lam 0 --tau3 0.1 --seed 1 ;;
-        *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd)" >&2; exit 2 ;;
+        table3)  # the paper's Table 3 rows that the S4Rec row's setting lacks (Beauty, seed 1)
+            P="--preset beauty $BEST"
+            run beauty-t3-srcsd-s1 "SR+CSD" $B $P --ablation sr-csd --seed 1
+            run beauty-t3-kmeans-s1 "SR+CSD, K-means prototypes" $B $P --alpha 0 --prototypes kmeans --seed 1
+            run beauty-t3-nocsd-s1 "S4Rec w/o CSD (keeps L_clust)" $B $P --ablation no-csd --seed 1 ;;
+        *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd table3)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

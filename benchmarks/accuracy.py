@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_add.add_argument("--device", default=None, help="device description (default: this machine)")
     p_table = sub.add_parser("table", help="print the README table")
     p_table.add_argument("--dataset", default="Beauty")
-    p_bar = sub.add_parser("bar", help="hold a model to the base: +3%, 2 std, tail >= head")
+    p_bar = sub.add_parser("bar", help="hold a model to the base: +3%%, 2 std, tail >= head")
     p_bar.add_argument("--dataset", default="Beauty")
     p_bar.add_argument("--model", required=True)
     p_bar.add_argument("--base", default="SR-only")

@@ -3,7 +3,7 @@
 # `python -m benchmarks.accuracy add` in benchmarks/results/accuracy-<data set>.json.
 #
 #   bash benchmarks/accuracy_runs.sh [GROUP ...]
-#   groups: beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd search-beta1 table3
+#   groups: beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-best bce-why search search-ckd table3
 #
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
@@ -103,6 +103,11 @@ for group in $GROUPS_WANTED; do
                     run beauty-bce-s4rec-s$seed "S4Rec (bce)" $BCE --preset paper --seed $seed
                 fi
             done ;;
+        bce-best)  # the S4Rec row's setting (--preset beauty) under SASRec's loss, against SR-only (bce)
+            BCE="--data $DATA/Beauty.txt --sr-loss bce --epochs 300 --eval-every 2"
+            for seed in ${SEEDS:-1}; do
+                run beauty-bce-best-s$seed "S4Rec (bce), --preset beauty" $BCE --preset beauty --seed $seed
+            done ;;
         bce-why)  # which term holds S4Rec (bce) back: 40-epoch runs at seed 1, read on validation
             W="--data $DATA/Beauty.txt --sr-loss bce --epochs 40 --eval-every 2 --preset paper --seed 1"
             run beauty-bce-why-nogr-s1 "S4Rec (bce) w/o GR, 40 epochs" $W --lam 0
@@ -117,14 +122,12 @@ for group in $GROUPS_WANTED; do
         search-ckd)  # the search setting with the distillation switched on (tau3 at the paper's 0.1)
             P="--preset beauty --proj-head mlp --augment length"
             run beauty-search-nogr-ckd-s1 "search: mlp head, length views, no adversary, tau3 0.1" $B $P --lam 0 --tau3 0.1 --seed 1 ;;
-        search-beta1)  # the S4Rec row with three times the contrast's weight (beta1 0.3)
-            run beauty-search-beta1-s1 "S4Rec, beta1 0.3" $B --preset beauty $BEST --beta1 0.3 --seed 1 ;;
         table3)  # the paper's Table 3 rows that the S4Rec row's setting lacks (Beauty, seed 1)
             P="--preset beauty $BEST"
             run beauty-t3-srcsd-s1 "SR+CSD" $B $P --ablation sr-csd --seed 1
             run beauty-t3-kmeans-s1 "SR+CSD, K-means prototypes" $B $P --alpha 0 --prototypes kmeans --seed 1
             run beauty-t3-nocsd-s1 "S4Rec w/o CSD (keeps L_clust)" $B $P --ablation no-csd --seed 1 ;;
-        *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-why search search-ckd search-beta1 table3)" >&2; exit 2 ;;
+        *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-best bce-why search search-ckd table3)" >&2; exit 2 ;;
     esac
 done
 for dataset in Beauty ml-1m; do

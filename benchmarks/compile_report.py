@@ -366,7 +366,10 @@ def compile_all(arch: int, cache_dir: Path, jobs: int = 2) -> List[Tuple[Spec, D
     try:
         with multiprocessing.get_context("spawn").Pool(max(1, jobs)) as pool:
             keys = pool.map(_cache_key, items, chunksize=16)
-            todo = [(key, item) for item, key in zip(items, keys) if key not in cached]
+            # one compile per key: specialisations that differ only in what the kernel does not
+            # see (8 of 325 per architecture) share one
+            todo = list({key: (key, item) for item, key in zip(items, keys)
+                         if key not in cached}.values())
             for n, (key, row) in enumerate(pool.imap_unordered(_keyed_work, todo), 1):
                 fresh[key] = row
                 if row["error"] is None:  # failures are retried next time

@@ -9,6 +9,7 @@
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
 # is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1");
 # SEEDS narrows the seed groups (bce-*, default, ml-1m-*seeds) to the seeds given, e.g. SEEDS=3.
+# DRY_RUN=1 prints each run (name, row label, command; tab-separated) and runs nothing.
 # Two copies may run the same groups at once (one per core): each run is locked by the copy
 # that starts it, and the other copy goes on to the next.
 # On a 2-core CPU a Beauty run takes 20-40 minutes, an ML-1M run one to two hours.
@@ -23,6 +24,10 @@ run() {  # run NAME MODEL-LABEL FLAGS...
     shift 2
     local dir=runs/acc/$name
     local cmd="python -m s4rec.train $* --progress false"
+    if [[ -n ${DRY_RUN:-} ]]; then  # print the run instead: name, label, command (tab-separated)
+        printf '%s\t%s\t%s\n' "$name" "$label" "$cmd $EXTRA --run-dir $dir"
+        return 0
+    fi
     # A second copy of this script (the other core) skips the runs the first one holds.
     mkdir -p runs/acc
     local lock
@@ -130,6 +135,7 @@ for group in $GROUPS_WANTED; do
         *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-best bce-why search search-ckd table3)" >&2; exit 2 ;;
     esac
 done
+[[ -n ${DRY_RUN:-} ]] && exit 0
 for dataset in Beauty ml-1m; do
     [[ -f benchmarks/results/accuracy-$dataset.json ]] && python -m benchmarks.accuracy table --dataset $dataset
 done

@@ -8,7 +8,8 @@
 # Runs go to runs/acc/<name>; a run whose metrics.json exists is not run again, and one that was
 # stopped is resumed, so the script can be killed and started again. DATA (default ../shared/data)
 # is where Beauty.txt and ml-1m.txt are; EXTRA is added to every command (e.g. "--threads 1");
-# SEEDS narrows the seed groups (bce-*, default, ml-1m-*seeds) to the seeds given, e.g. SEEDS=3.
+# SEEDS narrows the seed groups (bce-*, default, ml-1m-*seeds) to the seeds given, e.g. SEEDS=3,
+# and widens table3 (seed 1 alone by default), e.g. SEEDS="1 2".
 # DRY_RUN=1 prints each run (name, row label, command; tab-separated) and runs nothing.
 # Two copies may run the same groups at once (one per core): each run is locked by the copy
 # that starts it, and the other copy goes on to the next.
@@ -129,9 +130,11 @@ for group in $GROUPS_WANTED; do
             run beauty-search-nogr-ckd-s1 "search: mlp head, length views, no adversary, tau3 0.1" $B $P --lam 0 --tau3 0.1 --seed 1 ;;
         table3)  # the paper's Table 3 rows that the S4Rec row's setting lacks (Beauty, seed 1)
             P="--preset beauty $BEST"
-            run beauty-t3-srcsd-s1 "SR+CSD" $B $P --ablation sr-csd --seed 1
-            run beauty-t3-kmeans-s1 "SR+CSD, K-means prototypes" $B $P --alpha 0 --prototypes kmeans --seed 1
-            run beauty-t3-nocsd-s1 "S4Rec w/o CSD (keeps L_clust)" $B $P --ablation no-csd --seed 1 ;;
+            for seed in ${SEEDS:-1}; do
+                run beauty-t3-srcsd-s$seed "SR+CSD" $B $P --ablation sr-csd --seed $seed
+                run beauty-t3-nocsd-s$seed "S4Rec w/o CSD (keeps L_clust)" $B $P --ablation no-csd --seed $seed
+                run beauty-t3-kmeans-s$seed "SR+CSD, K-means prototypes" $B $P --alpha 0 --prototypes kmeans --seed $seed
+            done ;;
         *) echo "unknown group: $group (beauty seeds five-terms ablations default ksweep ml-1m ml-1m-seeds ml-1m-sr-seeds ml-1m-s4rec-seeds bce-sr bce-s4rec bce-best bce-why search search-ckd table3)" >&2; exit 2 ;;
     esac
 done
